@@ -1,0 +1,583 @@
+"""``CausalOrdering``: the causal ordering rules, kept durable in a database.
+
+The rules are those of the reference in-memory engine (same methods, same meaning, same log
+messages); what differs is that every mark lives in a table, and that the places where the
+reference engine loses or duplicates events under concurrency are closed:
+
+* Taking the processing lease fails for an event that is already seen, in the same statement,
+  so a duplicate delivered just after another worker finished cannot run again.
+* A lease carries an owner token; completing or releasing checks it.
+* Completing a leader marks it seen, claims its parked followers and ends its lease in one
+  transaction, and parking a follower is serialised against that (``_park``), so a follower can
+  never park itself just after its leader collected the followers.
+* A follower stays stored until its own handler succeeded; a claimed follower whose handler
+  failed or whose worker died is handed back by ``get_lost_followers`` once the claim expires.
+
+This module knows nothing of SQL dialects: statements come from ``store._queries``, the one
+dialect-specific step (serialising writers on a key) from ``store._dialects``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar, cast
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ordering_sql.errors import (
+    ClosedError,
+    ConfigurationError,
+    EventArrivedEarly,
+    EventBeingProcessed,
+    LeaseLostError,
+    MaxDepthExceeded,
+)
+from ordering_sql.models import EventLike, ReceivedEvent, utc_now
+from ordering_sql.schema import SCOPE_LENGTH
+from ordering_sql.settings import Durations, Settings
+from ordering_sql.store import Store, acquire_store, release_store
+from ordering_sql.store._queries import params
+
+__all__ = ["CausalOrdering", "EventHandler"]
+
+logger = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=BaseModel)
+
+#: ``handler(event, depth)``: the consumer's own handling of one event, which calls
+#: ``preceding_event_confirmed(handler, event, depth)`` around its work.
+EventHandler = Callable[[Any, int], Awaitable[None]]
+
+
+def _event_id(event: UUID | str | EventLike) -> UUID:
+    if isinstance(event, UUID):
+        return event
+    if isinstance(event, str):
+        try:
+            return UUID(event)
+        except ValueError:
+            msg = f"Expected an event or an event id, got the string {event!r}."
+            raise ConfigurationError(msg) from None
+    return event.id
+
+
+def _follows_something(event: EventLike) -> bool:
+    return event.follows is not None and event.follows != event.id
+
+
+class CausalOrdering(Generic[E]):
+    """Durable causal ordering of events for one ``scope``.
+
+    Building an instance does no I/O. Instances on the same database URL share one engine and
+    connection pool per event loop; ``close()`` gives this instance's share back.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        *,
+        database_url: str | None = None,
+        engine: AsyncEngine | None = None,
+        clock: Callable[[], datetime] | None = None,
+        event_type: type[E] = ReceivedEvent,  # type: ignore[assignment]
+        **durations: Any,
+    ) -> None:
+        if not isinstance(scope, str) or not scope or len(scope) > SCOPE_LENGTH:
+            msg = (
+                f"scope must be a non-empty string of at most {SCOPE_LENGTH} chars, got {scope!r}."
+            )
+            raise ConfigurationError(msg)
+        if database_url is not None and engine is not None:
+            msg = "Pass either database_url or engine, not both."
+            raise ConfigurationError(msg)
+        if not (isinstance(event_type, type) and issubclass(event_type, BaseModel)):
+            msg = f"event_type must be a pydantic model class, got {event_type!r}."
+            raise ConfigurationError(msg)
+        self.scope = scope
+        self.durations = Durations.build(**durations)
+        self.event_type: type[E] = event_type
+        self._clock = clock or utc_now
+        self._engine = engine
+        # Validates the URL now (a clear error at construction), connects only on first use.
+        self._settings = Settings.from_env(database_url) if engine is None else None
+        _ = self._settings.url if self._settings else None
+        self._store: Store | None = None
+        self._store_loop: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None
+        self._shared_stores: list[tuple[weakref.ReferenceType[Any], Store]] = []
+        self._closed = False
+        # Owner tokens of leases taken through the public record_event_as_processing(), so that
+        # forget_event_is_processing() releases only a lease this instance still holds.
+        self._leases: dict[UUID, UUID] = {}
+
+    def __repr__(self) -> str:
+        where = self._store.url if self._store else (self._settings and self._settings.database_url)
+        return f"CausalOrdering(scope={self.scope!r}, database={where!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Give back this instance's share of the pooled connections; the instance is done."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for loop_ref, store in self._shared_stores:
+            if loop_ref() is loop:
+                await release_store(store)
+        self._shared_stores.clear()
+        self._store = None
+
+    async def _db(self) -> Store:
+        if self._closed:
+            msg = f"This CausalOrdering (scope {self.scope!r}) was closed; create a new one."
+            raise ClosedError(msg)
+        loop = asyncio.get_running_loop()
+        if self._store is not None and self._store_loop is not None and self._store_loop() is loop:
+            return self._store
+        if self._engine is not None:
+            store = Store.from_engine(self._engine)
+        else:
+            assert self._settings is not None
+            store = await acquire_store(self._settings)
+            self._shared_stores.append((weakref.ref(loop), store))
+        self._store, self._store_loop = store, weakref.ref(loop)
+        return store
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            msg = f"The clock returned a naive datetime {now!r}; it must return aware UTC times."
+            raise ConfigurationError(msg)
+        return now
+
+    def _params(self, event_id: UUID | None = None, **extra: Any) -> dict[str, Any]:
+        if event_id is not None:
+            extra["event_id"] = event_id
+        return params(scope=self.scope, **extra)
+
+    def _load(self, rows: Iterable[Any]) -> list[E]:
+        return [self.event_type.model_validate_json(row.event) for row in rows]
+
+    def _load_sorted(self, rows: Iterable[Any]) -> list[E]:
+        # RETURNING clauses cannot be ordered: sort here, by occurred, then id for stability.
+        return self._load(sorted(rows, key=lambda row: (row.occurred, row.follower_id)))
+
+    # -- processing marks ----------------------------------------------------------------------
+
+    async def record_event_as_processing(self, event: EventLike) -> bool:
+        """Take the processing lease; False if another holder has it or the event was seen."""
+        token = await self._acquire(event.id)
+        if token is None:
+            return False
+        self._leases[event.id] = token
+        return True
+
+    async def event_has_started_processing(self, event: UUID | str | EventLike) -> bool:
+        _, processing = await self._marks(_event_id(event))
+        return processing
+
+    async def forget_event_is_processing(self, event: EventLike) -> None:
+        """End the processing mark: the lease this instance took, or (if none) whoever's it is."""
+        db = await self._db()
+        token = self._leases.pop(event.id, None)
+        if token is None:
+            query, release = db.queries.release_any, self._params(event.id, now=self._now())
+        else:
+            query, release = (
+                db.queries.release,
+                self._params(event.id, now=self._now(), owner=token),
+            )
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(query, release)
+
+        await db.write(work, action="forget_event_is_processing")
+
+    async def _acquire(self, event_id: UUID) -> UUID | None:
+        """Take the lease for a fresh owner token; the token, or None if it is held or seen."""
+        db = await self._db()
+        token = uuid4()
+
+        async def work(conn: AsyncConnection) -> bool:
+            now = self._now()
+            lease = self._params(
+                event_id, owner=token, now=now, lease_until=now + self.durations.lease
+            )
+            return (await conn.execute(db.queries.acquire, lease)).first() is not None
+
+        return token if await db.write(work, action="record_event_as_processing") else None
+
+    async def _release(self, event_id: UUID, token: UUID) -> None:
+        """End the lease held by ``token``; a no-op if it was taken over meanwhile."""
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            release = self._params(event_id, owner=token, now=self._now())
+            await conn.execute(db.queries.release, release)
+
+        await db.write(work, action="release_lease")
+
+    async def _release_after_failure(self, event_id: UUID, token: UUID) -> None:
+        # The handler already failed; that error is what the caller must see. If the release
+        # fails too, the lease simply expires after lease_timeout.
+        try:
+            await self._release(event_id, token)
+        except Exception:
+            logger.warning(
+                "could not release the lease of event %s; it expires in %s",
+                event_id,
+                self.durations.lease,
+                exc_info=True,
+                extra={"action": "release_lease", "scope": self.scope},
+            )
+
+    # -- seen marks ----------------------------------------------------------------------------
+
+    async def event_has_been_seen(self, event: UUID | str | EventLike) -> bool:
+        seen, _ = await self._marks(_event_id(event))
+        return seen
+
+    async def record_event_as_seen(self, event: EventLike) -> None:
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            seen_until = self._now() + self.durations.seen
+            await conn.execute(db.queries.mark_seen, self._params(event.id, seen_until=seen_until))
+
+        await db.write(work, action="record_event_as_seen")
+
+    async def _marks(self, event_id: UUID) -> tuple[bool, bool]:
+        """Whether ``event_id`` is seen, and whether it is being processed, right now."""
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> tuple[bool, bool]:
+            row = (await conn.execute(db.queries.marks, self._params(event_id))).first()
+            now = self._now()
+            if row is None:
+                return False, False
+            seen = row.seen_until is not None and row.seen_until > now
+            processing = row.lease_until is not None and row.lease_until > now
+            return seen, processing
+
+        return await db.read(work, action="read_marks")
+
+    # -- followers -----------------------------------------------------------------------------
+
+    async def record_follower(self, event: EventLike) -> None:
+        """Store ``event`` as waiting for ``event.follows``."""
+        if event.follows is None:
+            msg = f"Event {event.id} follows nothing, so it cannot wait for a leader."
+            raise ConfigurationError(msg)
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(db.queries.park, self._follower_params(event))
+
+        await db.write(work, action="record_follower")
+
+    def _follower_params(self, event: EventLike) -> dict[str, Any]:
+        return self._params(
+            event.id,
+            leader_id=event.follows,
+            occurred=event.occurred,
+            received=event.received,
+            event=event.model_dump_json(),
+        )
+
+    async def forget_follower(self, follower: EventLike) -> None:
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(db.queries.forget_follower, self._params(follower.id))
+
+        await db.write(work, action="forget_follower")
+
+    async def get_followers(self, leader: UUID | str | EventLike) -> list[E]:
+        """The events waiting for ``leader``, in ``occurred`` order."""
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> list[E]:
+            query_params = self._params(leader_id=_event_id(leader))
+            return self._load(await conn.execute(db.queries.followers_of, query_params))
+
+        return await db.read(work, action="get_followers")
+
+    async def followers_by_id(self, follower_ids: Sequence[UUID | str]) -> list[E]:
+        """The stored followers with these ids, in ``occurred`` order; unknown ids are skipped."""
+        ids = [_event_id(i) for i in follower_ids]
+        if not ids:
+            return []
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> list[E]:
+            query_params = self._params(ids=ids)
+            return self._load(await conn.execute(db.queries.followers_by_id, query_params))
+
+        return await db.read(work, action="followers_by_id")
+
+    async def get_lost_followers(self) -> list[E]:
+        """Remove and return the followers whose leader never came, in ``occurred`` order.
+
+        Lost means: waiting since before the lookback horizon, or claimed by a leader whose claim
+        expired (its worker died, or the handler for this follower failed). The caller now owns
+        them: handle them as if their leader had come.
+        """
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> list[Any]:
+            now = self._now()
+            horizon = now - self.durations.preceding_event_lookback
+            query_params = self._params(now=now, horizon=horizon)
+            return list((await conn.execute(db.queries.take_lost, query_params)).all())
+
+        return self._load_sorted(await db.write(work, action="get_lost_followers"))
+
+    # -- clearing ------------------------------------------------------------------------------
+
+    async def clear(self) -> None:
+        """Forget everything of this scope."""
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(db.queries.clear_followers, self._params())
+            await conn.execute(db.queries.clear_events, self._params())
+
+        await db.write(work, action="clear")
+        self._leases.clear()
+
+    async def clear_all_scopes(self) -> None:
+        """Forget everything of every scope in this instance's database."""
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(db.queries.clear_all_followers)
+            await conn.execute(db.queries.clear_all_events)
+
+        await db.write(work, action="clear_all_scopes")
+        self._leases.clear()
+
+    # -- the ordering protocol -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def event_is_processing(self, event: EventLike) -> AsyncIterator[None]:
+        """Hold the processing lease while the body runs; mark the event seen if it succeeds.
+
+        Raises ``EventBeingProcessed`` if another worker holds the event or it was already seen,
+        and ``LeaseLostError`` after the body if the lease expired and was taken over.
+        """
+        token = await self._acquire_or_raise(event)
+        try:
+            yield
+        except BaseException:
+            await self._release_after_failure(event.id, token)
+            raise
+        await self._complete(event, token, claim=False)
+
+    async def wait_for_leader(self, event: EventLike) -> None:
+        """Return when ``event`` may be handled; park it and raise ``EventArrivedEarly`` if not."""
+        await self._wait_for_leader(event, self._leases.get(event.id))
+
+    @asynccontextmanager
+    async def preceding_event_confirmed(
+        self, handler: EventHandler, event: EventLike, depth: int = 0
+    ) -> AsyncIterator[None]:
+        """Run the body only once ``event``'s leader was handled, then replay its followers.
+
+        ``handler(follower, depth + 1)`` is called for each follower that was waiting for this
+        event, in ``occurred`` order, after this event was marked seen. Raises
+        ``EventBeingProcessed``, ``EventArrivedEarly`` (the event is parked: acknowledge it) or
+        ``MaxDepthExceeded``.
+        """
+        max_depth = self.durations.max_depth_of_preceding_event
+        if depth > max_depth:
+            logger.error(
+                "Event %r has exceeded the maximum recursion depth of %s",
+                event.id,
+                max_depth,
+                extra={"action": "preceding_event_confirmed", "scope": self.scope},
+            )
+            raise MaxDepthExceeded(event)
+
+        token = await self._acquire_or_raise(event)
+        try:
+            await self._wait_for_leader(event, token)
+            yield
+        except BaseException:
+            await self._release_after_failure(event.id, token)
+            raise
+        followers = await self._complete(event, token, claim=True)
+        await self._replay(handler, event, followers, depth)
+
+    async def _acquire_or_raise(self, event: EventLike) -> UUID:
+        token = await self._acquire(event.id)
+        if token is None:
+            logger.info(
+                "Event %r is already being processed.",
+                event.id,
+                extra={"action": "event_is_processing", "scope": self.scope},
+            )
+            raise EventBeingProcessed(event)
+        return token
+
+    async def _wait_for_leader(self, event: EventLike, token: UUID | None) -> None:
+        leader = event.follows
+        if leader is None or leader == event.id:
+            return
+        # An old event's leader bookkeeping may be gone already: let it through.
+        if self._now() - event.received >= self.durations.preceding_event_lookback:
+            return
+        seen, processing = await self._marks(leader)
+        if seen:
+            return
+        if processing and await self._await_leader_in_flight(event, leader):
+            return
+        if not await self._park(event, token):
+            return  # the leader completed while we looked: go ahead
+        logger.info(
+            "Event %r arrived before the event it follows %r",
+            event.id,
+            leader,
+            extra={"action": "wait_for_leader", "scope": self.scope},
+        )
+        raise EventArrivedEarly(event)
+
+    async def _await_leader_in_flight(self, event: EventLike, leader: UUID) -> bool:
+        """Poll a leader that is being processed right now; True once it is seen."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.durations.in_flight_event_timeout.total_seconds()
+        poll = self.durations.poll_interval.total_seconds()
+        while loop.time() < deadline:
+            await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
+            seen, processing = await self._marks(leader)
+            if seen:
+                return True
+            if not processing:
+                return False  # the leader's handler failed or gave up: park and wait for it
+        logger.warning(
+            "Timed out after %s waiting for event %r, which %r follows, to finish processing; "
+            "treating the leader as lost for now and parking the follower.",
+            self.durations.in_flight_event_timeout,
+            leader,
+            event.id,
+            extra={"action": "wait_for_leader", "scope": self.scope},
+        )
+        return False
+
+    async def _park(self, event: EventLike, token: UUID | None) -> bool:
+        """Park ``event`` until its leader completes; False if the leader is seen after all.
+
+        Why no follower is orphaned: this transaction and the leader's completion (``_complete``
+        with ``claim=True``) both begin by serialising on the key (scope, leader id). If the
+        leader completed first, the re-check below sees its seen mark and we do not park. If we
+        park first, our row is committed before the leader's claim statement runs, so the leader
+        claims and replays it. On SQLite the serialisation is its single write lock.
+
+        The follower's own lease (``token``) is ended in the same transaction, so a leader that
+        completes right after can always take it to replay the follower.
+        """
+        assert event.follows is not None
+        leader = event.follows
+        db = await self._db()
+        parked = self._follower_params(event)
+
+        async def work(conn: AsyncConnection) -> bool:
+            await db.dialect.serialize(conn, self.scope, leader)
+            now = self._now()
+            row = (await conn.execute(db.queries.marks, self._params(leader))).first()
+            if row is not None and row.seen_until is not None and row.seen_until > now:
+                return False
+            await conn.execute(db.queries.park, parked)
+            if token is not None:
+                release = self._params(event.id, owner=token, now=now)
+                await conn.execute(db.queries.release, release)
+            return True
+
+        return await db.write(work, action="park_follower")
+
+    async def _complete(self, event: EventLike, token: UUID, *, claim: bool) -> list[E]:
+        """Mark ``event`` seen and end its lease; with ``claim``, take its parked followers.
+
+        One transaction: either all of it happens or none. If ``token`` no longer holds the
+        lease (it expired and another worker took over), nothing is written and
+        ``LeaseLostError`` is raised. The event's own parked row, if any, is deleted: it has now
+        been handled.
+        """
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> list[Any]:
+            if claim:
+                await db.dialect.serialize(conn, self.scope, event.id)
+            now = self._now()
+            seen_until = now + self.durations.seen
+            done = self._params(event.id, owner=token, seen_until=seen_until)
+            if (await conn.execute(db.queries.complete, done)).first() is None:
+                msg = (
+                    f"The processing lease of event {event.id} in scope {self.scope!r} was taken "
+                    f"over by another worker after it expired ({self.durations.lease}); this "
+                    "worker's result was not recorded."
+                )
+                raise LeaseLostError(msg, scope=self.scope, event_id=event.id)
+            if _follows_something(event):
+                await conn.execute(db.queries.forget_follower, self._params(event.id))
+            if not claim:
+                return []
+            claimed = self._params(
+                leader_id=event.id,
+                owner=token,
+                now=now,
+                claimed_until=now + self.durations.claim_timeout,
+            )
+            return list((await conn.execute(db.queries.claim_followers, claimed)).all())
+
+        return self._load_sorted(await db.write(work, action="complete_event"))
+
+    async def _replay(
+        self, handler: EventHandler, leader: EventLike, followers: list[E], depth: int
+    ) -> None:
+        """Hand each claimed follower to ``handler``; siblings go on when one of them fails.
+
+        A follower whose handler raised stays claimed and comes back from
+        ``get_lost_followers`` once the claim expires; the first such error is re-raised at the
+        end so the caller sees it.
+        """
+        first_error: Exception | None = None
+        for follower in followers:
+            try:
+                await handler(follower, depth + 1)
+            except MaxDepthExceeded:
+                logger.warning(
+                    "Event %r reached its max depth of %s followers processed.",
+                    leader.id,
+                    self.durations.max_depth_of_preceding_event,
+                    extra={"action": "replay_followers", "scope": self.scope},
+                )
+                break
+            except (EventBeingProcessed, EventArrivedEarly):
+                continue  # another worker has it, or had it: nothing left to do here
+            except Exception as exc:
+                if first_error is None:
+                    first_error = exc
+                else:
+                    logger.error(
+                        "handler failed for follower %r of %r; it is recovered by "
+                        "get_lost_followers() once its claim expires",
+                        cast("EventLike", follower).id,
+                        leader.id,
+                        exc_info=exc,
+                        extra={"action": "replay_followers", "scope": self.scope},
+                    )
+        if first_error is not None:
+            raise first_error
+
+    # -- conveniences --------------------------------------------------------------------------
+
+    @property
+    def lease_timeout(self) -> timedelta:
+        return self.durations.lease

@@ -1,0 +1,181 @@
+"""Configuration: the ordering constants, per-instance durations, and the database URL.
+
+Environment variables are read here and nowhere else (``ORDERING_SQL_*``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Annotated, Any, Final, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ordering_sql.errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "IN_FLIGHT_EVENT_TIMEOUT",
+    "MAX_DEPTH_OF_PRECEDING_EVENT",
+    "PRECEDING_EVENT_LOOKBACK",
+    "PROCESSED_EVENT_LOOKBACK",
+    "SEEN_EXPIRATION",
+    "Durations",
+    "Settings",
+    "mask_url",
+    "normalize_url",
+]
+
+#: How long a follower may wait for its leader; also the age past which an event goes through.
+PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)
+#: How long the record that an event was handled is kept.
+PROCESSED_EVENT_LOOKBACK: Final = timedelta(minutes=30)
+#: Expiry of a seen record: the larger of the two lookbacks.
+SEEN_EXPIRATION: Final = max(PRECEDING_EVENT_LOOKBACK, PROCESSED_EVENT_LOOKBACK)
+#: Deepest recursion when replaying followers.
+MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20
+#: How long a follower waits for a leader that is being processed right now.
+IN_FLIGHT_EVENT_TIMEOUT: Final = timedelta(seconds=8)
+
+#: The embedded default, relative to the working directory.
+DEFAULT_DATABASE_URL: Final = "sqlite+aiosqlite:///ordering.db"
+ENV_DATABASE_URL: Final = "ORDERING_SQL_DATABASE_URL"
+ENV_POOL_SIZE: Final = "ORDERING_SQL_POOL_SIZE"
+ENV_BUSY_TIMEOUT: Final = "ORDERING_SQL_BUSY_TIMEOUT"
+ENV_ECHO: Final = "ORDERING_SQL_ECHO"
+
+_DRIVERS: Final = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+PositiveDuration = Annotated[timedelta, Field(gt=timedelta(0))]
+
+
+class Durations(BaseModel):
+    """The time limits of one CausalOrdering instance.
+
+    Numbers are read as seconds. ``seen_expiration`` defaults to the larger of the two lookbacks,
+    ``lease_timeout`` to twice the in-flight wait, ``claim_timeout`` to one minute.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preceding_event_lookback: PositiveDuration = PRECEDING_EVENT_LOOKBACK
+    processed_event_lookback: PositiveDuration = PROCESSED_EVENT_LOOKBACK
+    seen_expiration: PositiveDuration | None = None
+    max_depth_of_preceding_event: Annotated[int, Field(ge=0)] = MAX_DEPTH_OF_PRECEDING_EVENT
+    in_flight_event_timeout: Annotated[timedelta, Field(ge=timedelta(0))] = IN_FLIGHT_EVENT_TIMEOUT
+    #: How long a processing lease lives; a crashed worker blocks its event at most this long.
+    lease_timeout: PositiveDuration | None = None
+    #: How long a leader's claim on its parked followers lives before the lost sweep returns them.
+    claim_timeout: PositiveDuration = timedelta(minutes=1)
+    #: How often the in-flight wait polls for the leader.
+    poll_interval: PositiveDuration = timedelta(milliseconds=250)
+
+    @model_validator(mode="after")
+    def _derive(self) -> Self:
+        if self.seen_expiration is None:
+            seen = max(self.preceding_event_lookback, self.processed_event_lookback)
+            object.__setattr__(self, "seen_expiration", seen)
+        if self.lease_timeout is None:
+            lease = max(2 * self.in_flight_event_timeout, timedelta(seconds=1))
+            object.__setattr__(self, "lease_timeout", lease)
+        return self
+
+    @property
+    def seen(self) -> timedelta:
+        assert self.seen_expiration is not None  # set by _derive
+        return self.seen_expiration
+
+    @property
+    def lease(self) -> timedelta:
+        assert self.lease_timeout is not None  # set by _derive
+        return self.lease_timeout
+
+    @classmethod
+    def build(cls, **overrides: Any) -> Durations:
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "durations"
+            msg = f"Invalid duration {where}={first.get('input')!r}: {first['msg']}."
+            raise ConfigurationError(msg) from None
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL and select the async driver this project uses for its backend."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        msg = f"Cannot parse database URL {_mask_raw(str(url))!r}."
+        raise ConfigurationError(msg) from None
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        msg = (
+            f"Unsupported database URL scheme {parsed.drivername!r} in {mask_url(parsed)!r}; "
+            "expected 'sqlite+aiosqlite' or 'postgresql+asyncpg'."
+        )
+        raise ConfigurationError(msg)
+    return parsed.set(drivername=driver)
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a URL for messages and logs, with any password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return _mask_raw(str(url))
+
+
+def _mask_raw(url: str) -> str:
+    # An unparseable URL may still carry "user:password@"; drop what lies between ':' and '@'.
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        rest = f"{user}:***@{host}"
+    return f"{scheme}{sep}{rest}"
+
+
+class Settings(BaseModel):
+    """How to reach the database."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    pool_size: Annotated[int, Field(ge=1)] = 10
+    busy_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    echo: bool = False
+
+    @classmethod
+    def from_env(cls, database_url: str | None = None) -> Settings:
+        """Settings from ``ORDERING_SQL_*``; an explicit ``database_url`` wins over the env."""
+        values: dict[str, Any] = {}
+        url = database_url or os.environ.get(ENV_DATABASE_URL)
+        if url:
+            values["database_url"] = url
+        for key, env in (
+            ("pool_size", ENV_POOL_SIZE),
+            ("busy_timeout_s", ENV_BUSY_TIMEOUT),
+            ("echo", ENV_ECHO),
+        ):
+            if os.environ.get(env):
+                values[key] = os.environ[env]
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            msg = f"Invalid setting {first['loc'][0]}={first.get('input')!r}: {first['msg']}."
+            raise ConfigurationError(msg) from None
+
+    @property
+    def url(self) -> URL:
+        return normalize_url(self.database_url)

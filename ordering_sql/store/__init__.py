@@ -1,0 +1,328 @@
+"""The database behind the engine: shared engines, short transactions, retries, error mapping.
+
+A ``Store`` is one ``AsyncEngine`` (one connection pool) plus the dialect rules that go with it.
+Every ``CausalOrdering`` on the same URL and event loop shares one Store; see ``acquire_store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ordering_sql.errors import (
+    DatabaseUnavailableError,
+    OrderingError,
+    SchemaNotReadyError,
+    StoreError,
+)
+from ordering_sql.schema import VERSION_TABLE
+from ordering_sql.settings import Settings, mask_url
+from ordering_sql.store._dialects import Dialect, Failure, dialect_for
+from ordering_sql.store._queries import Queries, queries_for
+
+__all__ = ["Store", "acquire_store", "dispose_engines", "release_store"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How often one unit of work is tried when the database reports a transient fault.
+MAX_ATTEMPTS: Final = 6
+_BACKOFF_BASE_S: Final = 0.05
+_BACKOFF_CAP_S: Final = 2.0
+
+
+class _Transient(Exception):
+    """Internal: a transient failure worth retrying (carries the original error)."""
+
+
+class Store:
+    """One database: its engine, its dialect rules, and its prepared statements."""
+
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool) -> None:
+        self.engine = engine
+        self.owns_engine = owns_engine
+        self.dialect: Dialect = dialect_for(engine.dialect.name)
+        self.queries: Queries = queries_for(engine.dialect.name)
+        self.url = mask_url(engine.url)
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._read_options = self.dialect.read_options()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        url = settings.url
+        dialect = dialect_for(url.get_backend_name())
+        engine = create_async_engine(
+            url, echo=settings.echo, **dialect.engine_options(url, settings)
+        )
+        dialect.configure(engine)
+        return cls(engine, owns_engine=True)
+
+    @classmethod
+    def from_engine(cls, engine: AsyncEngine) -> Store:
+        """Wrap a host application's engine; it is never disposed by us."""
+        store = cls(engine, owns_engine=False)
+        store.dialect.configure(engine)
+        return store
+
+    async def dispose(self) -> None:
+        if self.owns_engine:
+            await self.engine.dispose()
+
+    # -- units of work -------------------------------------------------------------------------
+
+    async def write(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+        """Run ``work`` in one write transaction, retried as a whole on transient faults."""
+        return await self._run(work, action=action, read_only=False)
+
+    async def read(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+        """Run ``work`` on a connection that only reads."""
+        return await self._run(work, action=action, read_only=True)
+
+    async def _run(
+        self,
+        work: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        action: str,
+        read_only: bool,
+    ) -> T:
+        await self.ensure_ready()
+        attempt = 1
+        while True:
+            try:
+                async with self._connection(read_only=read_only) as conn:
+                    return await work(conn)
+            except _Transient as transient:
+                cause = transient.__cause__
+                if attempt >= MAX_ATTEMPTS:
+                    msg = (
+                        f"Database {self.url!r} kept failing during {action} after {attempt} "
+                        f"attempts: {_describe(cause)}"
+                    )
+                    raise StoreError(msg, url=self.url) from cause
+                delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))
+                delay *= 0.5 + random.random()  # jitter, so competing workers spread out
+                logger.warning(
+                    "transient database fault during %s (attempt %d of %d), retrying in %.2fs: %s",
+                    action,
+                    attempt,
+                    MAX_ATTEMPTS,
+                    delay,
+                    _describe(cause),
+                    extra={"action": action, "attempt": attempt},
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    @asynccontextmanager
+    async def _connection(self, *, read_only: bool) -> AsyncIterator[AsyncConnection]:
+        """A connection inside one transaction, with driver errors translated.
+
+        This is the one boundary where driver exceptions become ordering-sql exceptions.
+        """
+        try:
+            async with self.engine.connect() as conn:
+                if read_only:
+                    conn = await conn.execution_options(**self._read_options)
+                async with conn.begin():
+                    yield conn
+        except OrderingError:
+            raise
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            failure = self.dialect.classify(exc)
+            if failure is Failure.RETRYABLE:
+                raise _Transient from exc
+            if failure is Failure.UNAVAILABLE or _is_connect_error(exc):
+                msg = f"Cannot connect to database {self.url!r}: {_describe(exc)}"
+                raise DatabaseUnavailableError(msg, url=self.url) from exc
+            msg = f"Database {self.url!r} failed: {_describe(exc)}"
+            raise StoreError(msg, url=self.url) from exc
+
+    # -- schema readiness ----------------------------------------------------------------------
+
+    async def ensure_ready(self) -> None:
+        """Check once per engine that the schema is at the revision this code expects.
+
+        SQLite databases are migrated on first use (they are embedded and private to the
+        application); any other database must be migrated explicitly.
+        """
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            from ordering_sql import migration  # imported late: it pulls in Alembic
+
+            expected = migration.head_revision()
+            current = await self._with_retries(self._current_revision)
+            if current != expected and self.dialect.migrates_on_first_use and self.owns_engine:
+                logger.info("migrating embedded database %s to %s", self.url, expected)
+                await self._with_retries(lambda: migration.upgrade(self.engine))
+                current = await self._with_retries(self._current_revision)
+            if current != expected:
+                raise _not_ready(self.url, current, expected)
+            self._ready = True
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (retrying transient faults)."""
+        from ordering_sql import migration
+
+        await self._with_retries(lambda: migration.upgrade(self.engine))
+        self._ready = False
+
+    async def _current_revision(self) -> str | None:
+        async with self._connection(read_only=True) as conn:
+            return await conn.run_sync(_read_revision)
+
+    async def _with_retries(self, step: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await step()
+            except _Transient as transient:
+                if attempt == MAX_ATTEMPTS:
+                    cause = transient.__cause__
+                    msg = f"Cannot reach database {self.url!r}: {_describe(cause)}"
+                    raise DatabaseUnavailableError(msg, url=self.url) from cause
+                await asyncio.sleep(min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
+        msg = "unreachable"
+        raise AssertionError(msg)  # pragma: no cover
+
+
+def _read_revision(sync_conn: object) -> str | None:
+    inspector = sa_inspect(sync_conn)
+    if not inspector.has_table(VERSION_TABLE):
+        return None
+    row = sync_conn.execute(  # type: ignore[attr-defined]
+        text(f"SELECT version_num FROM {VERSION_TABLE}")
+    ).first()
+    return None if row is None else str(row[0])
+
+
+def _not_ready(url: str, current: str | None, expected: str) -> SchemaNotReadyError:
+    state = "has no ordering-sql tables" if current is None else f"is at revision {current!r}"
+    msg = (
+        f"Database {url!r} {state}, but this version of ordering-sql needs revision "
+        f"{expected!r}. Run `ordering-sql migrate --database-url {url}` "
+        "or `await ordering_sql.migrate(url)`."
+    )
+    return SchemaNotReadyError(msg, url=url, current=current, expected=expected)
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | TimeoutError | InterfaceError)
+
+
+def _describe(exc: BaseException | None) -> str:
+    """One line naming the root cause, without SQL text or parameters."""
+    if exc is None:
+        return "unknown error"
+    root = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text_ = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return f"{type(root).__name__}: {text_}" if text_ else type(root).__name__
+
+
+# -- sharing engines -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Shared:
+    store: Store
+    users: int = 0
+
+
+@dataclass(eq=False)
+class _LoopStores:
+    """The shared stores of one event loop."""
+
+    stores: dict[str, _Shared] = field(default_factory=dict)
+    sentinel: AsyncIterator[None] | None = None
+
+
+# Engines hold connections bound to the event loop that opened them, so sharing is per loop.
+# Keyed weakly: when a loop is garbage-collected its entry goes too.
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopStores] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_stores() -> _LoopStores:
+    loop = asyncio.get_running_loop()
+    entry = _by_loop.get(loop)
+    if entry is None:
+        entry = _by_loop[loop] = _LoopStores()
+    return entry
+
+
+async def acquire_store(settings: Settings) -> Store:
+    """The shared Store for ``settings.database_url`` on the running loop; counts one more user.
+
+    Why this is safe without a lock: it runs on one event loop and never awaits between looking
+    up and inserting the entry, so two coroutines cannot both create a Store for one URL.
+    """
+    entry = _loop_stores()
+    key = settings.url.render_as_string(hide_password=False)
+    shared = entry.stores.get(key)
+    if shared is None:
+        shared = entry.stores[key] = _Shared(Store.from_settings(settings))
+        if entry.sentinel is None:
+            entry.sentinel = sentinel = _dispose_at_shutdown(entry)
+            await sentinel.__anext__()  # runs to the first ``yield`` without suspending
+    shared.users += 1
+    return shared.store
+
+
+async def release_store(store: Store) -> None:
+    """One user fewer; the last user of a shared Store disposes its engine."""
+    entry = _by_loop.get(asyncio.get_running_loop())
+    if entry is None:
+        return
+    for key, shared in list(entry.stores.items()):
+        if shared.store is store:
+            shared.users -= 1
+            if shared.users <= 0:
+                del entry.stores[key]
+                await store.dispose()
+            return
+
+
+async def dispose_engines() -> None:
+    """Dispose every engine shared on the running event loop (tests and short scripts)."""
+    entry = _by_loop.get(asyncio.get_running_loop())
+    if entry is None:
+        return
+    shared = list(entry.stores.values())
+    entry.stores.clear()
+    for item in shared:
+        await item.store.dispose()
+
+
+async def _dispose_at_shutdown(entry: _LoopStores) -> AsyncIterator[None]:
+    """Dispose this loop's engines when the loop shuts down.
+
+    ``asyncio.run`` (and pytest-asyncio's runner) call ``loop.shutdown_asyncgens()`` before
+    closing a loop: every async generator that has started and not finished is closed, while
+    the loop still runs. This generator is started here and parked at its ``yield``; closing it
+    runs its ``finally``, which disposes the engines. Without it, code that runs several loops
+    in turn would leave pooled connections bound to a dead loop (and aiosqlite's worker
+    threads, which are not daemons, would keep the process from exiting). The entry keeps the
+    generator alive: the loop itself only holds async generators weakly.
+    """
+    try:
+        yield
+    finally:
+        shared = list(entry.stores.values())
+        entry.stores.clear()
+        for item in shared:
+            await item.store.dispose()

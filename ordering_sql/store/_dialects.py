@@ -1,0 +1,216 @@
+"""Everything that differs between SQLite and Postgres, and nothing else.
+
+Four things differ: how an engine is set up (pool, connection hooks, transaction start), which
+``INSERT ... ON CONFLICT`` construct to use, how parking a follower is serialised against its
+leader completing, and how a driver error is classified.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import sqlite3
+from typing import Any, ClassVar, Final, Protocol
+from uuid import UUID
+
+from sqlalchemy import Connection, bindparam, event, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.schema import Table
+
+from ordering_sql.settings import Settings
+
+__all__ = ["Dialect", "Failure", "dialect_for"]
+
+#: Execution option marking a connection that only reads; see ``SqliteDialect``.
+READ_ONLY: Final = "ordering_sql_read_only"
+
+
+class Failure(enum.Enum):
+    """What a database error means for the caller."""
+
+    RETRYABLE = "retryable"  # try the same transaction again: lock timeout, deadlock, dropped link
+    UNAVAILABLE = "unavailable"  # cannot reach or log in to the database at all
+    OTHER = "other"
+
+
+class Dialect(Protocol):
+    name: ClassVar[str]
+    #: Whether a missing or old schema is migrated on first use instead of raising.
+    migrates_on_first_use: ClassVar[bool]
+
+    def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
+        """Keyword arguments for ``create_async_engine``."""
+
+    def configure(self, engine: AsyncEngine) -> None:
+        """Install connection hooks on a new engine."""
+
+    def read_options(self) -> dict[str, Any]:
+        """Execution options for a connection that runs one read."""
+
+    def insert(self, table: Table) -> Any:
+        """An ``INSERT`` that supports ``on_conflict_do_update``/``on_conflict_do_nothing``."""
+
+    async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
+        """Serialise, until the transaction ends, every writer that calls this with (scope, key)."""
+
+    def classify(self, exc: BaseException) -> Failure:
+        """Sort a driver error into a ``Failure``."""
+
+
+class SqliteDialect:
+    """SQLite through aiosqlite: one writer at a time, WAL so readers never block it.
+
+    sqlite3 by default starts transactions lazily and only before DML, so a read-then-write
+    transaction could start as a reader and fail with SQLITE_BUSY when it tries to write. Following
+    SQLAlchemy's documented recipe, the driver's own transaction handling is switched off and every
+    write transaction starts with ``BEGIN IMMEDIATE``, which takes the database's single write lock
+    up front (waiting up to the busy timeout). Read-only work starts with a plain ``BEGIN``.
+    """
+
+    name: ClassVar[str] = "sqlite"
+    # An embedded file belongs to the application that opened it: set it up on first use.
+    migrates_on_first_use: ClassVar[bool] = True
+
+    def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
+        # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
+        options: dict[str, Any] = {"connect_args": {"timeout": settings.busy_timeout_s}}
+        if url.database in (None, "", ":memory:"):
+            # A memory database exists once per connection: keep exactly one connection.
+            from sqlalchemy.pool import StaticPool
+
+            options["poolclass"] = StaticPool
+        else:
+            options["pool_size"] = settings.pool_size
+            options["max_overflow"] = settings.pool_size
+        return options
+
+    def configure(self, engine: AsyncEngine) -> None:
+        sync_engine = engine.sync_engine
+        if not event.contains(sync_engine, "connect", _sqlite_on_connect):
+            event.listen(sync_engine, "connect", _sqlite_on_connect)
+            event.listen(sync_engine, "begin", _sqlite_on_begin)
+
+    def read_options(self) -> dict[str, Any]:
+        return {READ_ONLY: True}
+
+    def insert(self, table: Table) -> Any:
+        return sqlite.insert(table)
+
+    async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
+        # Nothing to do: the transaction began with BEGIN IMMEDIATE and holds SQLite's only write
+        # lock, so no other writer (parking or completing) can interleave with it.
+        return None
+
+    def classify(self, exc: BaseException) -> Failure:
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(orig, sqlite3.Error):
+            name = getattr(orig, "sqlite_errorname", "")
+            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                return Failure.RETRYABLE
+            if name.startswith("SQLITE_CANTOPEN"):
+                return Failure.UNAVAILABLE
+        return Failure.OTHER
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy, not sqlite3, emits BEGIN
+    cursor = dbapi_conn.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the single write lock up front
+
+
+# SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_PG_RETRYABLE: Final = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+        "57P01",  # admin_shutdown (server restarting)
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (server starting up)
+    }
+)
+_PG_UNAVAILABLE: Final = frozenset(
+    {
+        "28000",  # invalid_authorization_specification
+        "28P01",  # invalid_password
+        "3D000",  # invalid_catalog_name: the database does not exist
+    }
+)
+
+
+class PostgresDialect:
+    """Postgres through asyncpg: row locks for leases, advisory locks to serialise parking."""
+
+    name: ClassVar[str] = "postgresql"
+    # A shared server's schema changes only when an operator runs `ordering-sql migrate`.
+    migrates_on_first_use: ClassVar[bool] = False
+
+    def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
+        return {
+            "pool_size": settings.pool_size,
+            "max_overflow": settings.pool_size,
+            # A connection dropped by a database restart is noticed at checkout and replaced.
+            "pool_pre_ping": True,
+            "connect_args": {"timeout": settings.connect_timeout_s},
+        }
+
+    def configure(self, engine: AsyncEngine) -> None:
+        return None
+
+    def read_options(self) -> dict[str, Any]:
+        return {"isolation_level": "AUTOCOMMIT"}
+
+    def insert(self, table: Table) -> Any:
+        return postgresql.insert(table)
+
+    async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
+        # A transaction-scoped advisory lock on (scope, leader): held by the follower that parks
+        # and by the leader that completes, released at commit. Locks nothing else, so unrelated
+        # events never wait on each other; a hash collision only adds a short wait.
+        await conn.execute(_ADVISORY_LOCK, {"key": advisory_key(scope, key)})
+
+    def classify(self, exc: BaseException) -> Failure:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return Failure.RETRYABLE
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if code in _PG_UNAVAILABLE:
+            return Failure.UNAVAILABLE
+        if code in _PG_RETRYABLE or (isinstance(code, str) and code.startswith("08")):
+            return Failure.RETRYABLE  # class 08: connection exception
+        if isinstance(orig, OSError | TimeoutError):
+            return Failure.RETRYABLE  # refused or reset while the server restarts
+        return Failure.OTHER
+
+
+_ADVISORY_LOCK: Final = select(func.pg_advisory_xact_lock(bindparam("key")))
+
+
+def advisory_key(scope: str, key: UUID) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock``."""
+    digest = hashlib.blake2b(scope.encode() + key.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_DIALECTS: Final[dict[str, Dialect]] = {d.name: d for d in (SqliteDialect(), PostgresDialect())}
+
+
+def dialect_for(name: str) -> Dialect:
+    """The dialect for a SQLAlchemy dialect name (``engine.dialect.name``)."""
+    return _DIALECTS[name]
