@@ -24,6 +24,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar, cast
 from uuid import UUID, uuid4
@@ -41,7 +42,7 @@ from ordering_sql.errors import (
 )
 from ordering_sql.models import EventLike, ReceivedEvent, utc_now
 from ordering_sql.schema import SCOPE_LENGTH
-from ordering_sql.settings import Durations, Settings
+from ordering_sql.settings import Durations, Settings, mask_url
 from ordering_sql.store import Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
@@ -70,6 +71,29 @@ def _event_id(event: UUID | str | EventLike) -> UUID:
 
 def _follows_something(event: EventLike) -> bool:
     return event.follows is not None and event.follows != event.id
+
+
+@dataclass(frozen=True, slots=True)
+class _Marks:
+    """An event's two marks, as of one moment."""
+
+    seen: bool
+    processing: bool
+
+    @classmethod
+    def at(cls, now: datetime, seen_until: datetime | None, lease_until: datetime | None) -> _Marks:
+        return cls(
+            seen=seen_until is not None and seen_until > now,
+            processing=lease_until is not None and lease_until > now,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """A processing lease this worker holds, and its leader's marks when it was taken."""
+
+    token: UUID
+    leader: _Marks | None
 
 
 class CausalOrdering(Generic[E]):
@@ -117,7 +141,12 @@ class CausalOrdering(Generic[E]):
         self._leases: dict[UUID, UUID] = {}
 
     def __repr__(self) -> str:
-        where = self._store.url if self._store else (self._settings and self._settings.database_url)
+        if self._store is not None:
+            where = self._store.url
+        elif self._settings is not None:
+            where = mask_url(self._settings.database_url)
+        else:
+            where = mask_url(self._engine.url) if self._engine is not None else "?"
         return f"CausalOrdering(scope={self.scope!r}, database={where!r})"
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -139,8 +168,9 @@ class CausalOrdering(Generic[E]):
             msg = f"This CausalOrdering (scope {self.scope!r}) was closed; create a new one."
             raise ClosedError(msg)
         loop = asyncio.get_running_loop()
-        if self._store is not None and self._store_loop is not None and self._store_loop() is loop:
-            return self._store
+        store, store_loop = self._store, self._store_loop
+        if store is not None and not store.disposed and store_loop and store_loop() is loop:
+            return store
         if self._engine is not None:
             store = Store.from_engine(self._engine)
         else:
@@ -173,15 +203,14 @@ class CausalOrdering(Generic[E]):
 
     async def record_event_as_processing(self, event: EventLike) -> bool:
         """Take the processing lease; False if another holder has it or the event was seen."""
-        token = await self._acquire(event.id)
-        if token is None:
+        lease = await self._acquire(event.id)
+        if lease is None:
             return False
-        self._leases[event.id] = token
+        self._leases[event.id] = lease.token
         return True
 
     async def event_has_started_processing(self, event: UUID | str | EventLike) -> bool:
-        _, processing = await self._marks(_event_id(event))
-        return processing
+        return (await self._marks(_event_id(event))).processing
 
     async def forget_event_is_processing(self, event: EventLike) -> None:
         """End the processing mark: the lease this instance took, or (if none) whoever's it is."""
@@ -200,19 +229,30 @@ class CausalOrdering(Generic[E]):
 
         await db.write(work, action="forget_event_is_processing")
 
-    async def _acquire(self, event_id: UUID) -> UUID | None:
-        """Take the lease for a fresh owner token; the token, or None if it is held or seen."""
+    async def _acquire(self, event_id: UUID, leader_id: UUID | None = None) -> _Lease | None:
+        """Take the lease for a fresh owner token; None if it is held or the event was seen.
+
+        The same statement reads the marks of ``leader_id``, if given.
+        """
         db = await self._db()
         token = uuid4()
 
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: AsyncConnection) -> _Lease | None:
             now = self._now()
             lease = self._params(
-                event_id, owner=token, now=now, lease_until=now + self.durations.lease
+                event_id,
+                owner=token,
+                now=now,
+                lease_until=now + self.durations.lease,
+                leader_id=leader_id,
             )
-            return (await conn.execute(db.queries.acquire, lease)).first() is not None
+            row = (await conn.execute(db.queries.acquire, lease)).first()
+            if row is None:
+                return None
+            leader = _Marks.at(now, row.leader_seen_until, row.leader_lease_until)
+            return _Lease(token, leader if leader_id is not None else None)
 
-        return token if await db.write(work, action="record_event_as_processing") else None
+        return await db.write(work, action="record_event_as_processing")
 
     async def _release(self, event_id: UUID, token: UUID) -> None:
         """End the lease held by ``token``; a no-op if it was taken over meanwhile."""
@@ -241,8 +281,7 @@ class CausalOrdering(Generic[E]):
     # -- seen marks ----------------------------------------------------------------------------
 
     async def event_has_been_seen(self, event: UUID | str | EventLike) -> bool:
-        seen, _ = await self._marks(_event_id(event))
-        return seen
+        return (await self._marks(_event_id(event))).seen
 
     async def record_event_as_seen(self, event: EventLike) -> None:
         db = await self._db()
@@ -253,18 +292,14 @@ class CausalOrdering(Generic[E]):
 
         await db.write(work, action="record_event_as_seen")
 
-    async def _marks(self, event_id: UUID) -> tuple[bool, bool]:
+    async def _marks(self, event_id: UUID) -> _Marks:
         """Whether ``event_id`` is seen, and whether it is being processed, right now."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> tuple[bool, bool]:
+        async def work(conn: AsyncConnection) -> _Marks:
             row = (await conn.execute(db.queries.marks, self._params(event_id))).first()
             now = self._now()
-            if row is None:
-                return False, False
-            seen = row.seen_until is not None and row.seen_until > now
-            processing = row.lease_until is not None and row.lease_until > now
-            return seen, processing
+            return _Marks.at(now, *(row or (None, None)))
 
         return await db.read(work, action="read_marks")
 
@@ -372,17 +407,17 @@ class CausalOrdering(Generic[E]):
         Raises ``EventBeingProcessed`` if another worker holds the event or it was already seen,
         and ``LeaseLostError`` after the body if the lease expired and was taken over.
         """
-        token = await self._acquire_or_raise(event)
+        lease = await self._acquire_or_raise(event)
         try:
             yield
         except BaseException:
-            await self._release_after_failure(event.id, token)
+            await self._release_after_failure(event.id, lease.token)
             raise
-        await self._complete(event, token, claim=False)
+        await self._complete(event, lease.token, claim=False)
 
     async def wait_for_leader(self, event: EventLike) -> None:
         """Return when ``event`` may be handled; park it and raise ``EventArrivedEarly`` if not."""
-        await self._wait_for_leader(event, self._leases.get(event.id))
+        await self._wait_for_leader(event, self._leases.get(event.id), None)
 
     @asynccontextmanager
     async def preceding_event_confirmed(
@@ -405,38 +440,47 @@ class CausalOrdering(Generic[E]):
             )
             raise MaxDepthExceeded(event)
 
-        token = await self._acquire_or_raise(event)
+        lease = await self._acquire_or_raise(event, leader_id=event.follows)
         try:
-            await self._wait_for_leader(event, token)
+            await self._wait_for_leader(event, lease.token, lease.leader)
+        except EventArrivedEarly:
+            raise  # parked: the parking transaction already ended our lease
+        except BaseException:
+            await self._release_after_failure(event.id, lease.token)
+            raise
+        try:
             yield
         except BaseException:
-            await self._release_after_failure(event.id, token)
+            await self._release_after_failure(event.id, lease.token)
             raise
-        followers = await self._complete(event, token, claim=True)
+        followers = await self._complete(event, lease.token, claim=True)
         await self._replay(handler, event, followers, depth)
 
-    async def _acquire_or_raise(self, event: EventLike) -> UUID:
-        token = await self._acquire(event.id)
-        if token is None:
+    async def _acquire_or_raise(self, event: EventLike, leader_id: UUID | None = None) -> _Lease:
+        lease = await self._acquire(event.id, leader_id)
+        if lease is None:
             logger.info(
                 "Event %r is already being processed.",
                 event.id,
                 extra={"action": "event_is_processing", "scope": self.scope},
             )
             raise EventBeingProcessed(event)
-        return token
+        return lease
 
-    async def _wait_for_leader(self, event: EventLike, token: UUID | None) -> None:
+    async def _wait_for_leader(
+        self, event: EventLike, token: UUID | None, marks: _Marks | None
+    ) -> None:
+        """``marks``: the leader's marks if already read (with the lease), else None."""
         leader = event.follows
         if leader is None or leader == event.id:
             return
         # An old event's leader bookkeeping may be gone already: let it through.
         if self._now() - event.received >= self.durations.preceding_event_lookback:
             return
-        seen, processing = await self._marks(leader)
-        if seen:
+        marks = marks or await self._marks(leader)
+        if marks.seen:
             return
-        if processing and await self._await_leader_in_flight(event, leader):
+        if marks.processing and await self._await_leader_in_flight(event, leader):
             return
         if not await self._park(event, token):
             return  # the leader completed while we looked: go ahead
@@ -452,13 +496,15 @@ class CausalOrdering(Generic[E]):
         """Poll a leader that is being processed right now; True once it is seen."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.durations.in_flight_event_timeout.total_seconds()
-        poll = self.durations.poll_interval.total_seconds()
+        longest = self.durations.poll_interval.total_seconds()
+        poll = min(0.01, longest)  # most leaders finish within milliseconds: look early, back off
         while loop.time() < deadline:
             await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
-            seen, processing = await self._marks(leader)
-            if seen:
+            poll = min(poll * 2, longest)
+            marks = await self._marks(leader)
+            if marks.seen:
                 return True
-            if not processing:
+            if not marks.processing:
                 return False  # the leader's handler failed or gave up: park and wait for it
         logger.warning(
             "Timed out after %s waiting for event %r, which %r follows, to finish processing; "
@@ -492,6 +538,8 @@ class CausalOrdering(Generic[E]):
             now = self._now()
             row = (await conn.execute(db.queries.marks, self._params(leader))).first()
             if row is not None and row.seen_until is not None and row.seen_until > now:
+                if token is not None and not await self._still_holds(db, conn, event.id, token):
+                    raise EventBeingProcessed(event)
                 return False
             await conn.execute(db.queries.park, parked)
             if token is not None:
@@ -500,6 +548,20 @@ class CausalOrdering(Generic[E]):
             return True
 
         return await db.write(work, action="park_follower")
+
+    async def _still_holds(
+        self, db: Store, conn: AsyncConnection, event_id: UUID, token: UUID
+    ) -> bool:
+        """Renew the lease of ``token``; False if another worker holds the event now.
+
+        Needed where a retried ``_park`` finds the leader done: if the first attempt did commit
+        (and so released our lease), the leader may already be replaying this event.
+        """
+        now = self._now()
+        lease = self._params(
+            event_id, owner=token, now=now, lease_until=now + self.durations.lease, leader_id=None
+        )
+        return (await conn.execute(db.queries.acquire, lease)).first() is not None
 
     async def _complete(self, event: EventLike, token: UUID, *, claim: bool) -> list[E]:
         """Mark ``event`` seen and end its lease; with ``claim``, take its parked followers.
@@ -536,7 +598,9 @@ class CausalOrdering(Generic[E]):
             )
             return list((await conn.execute(db.queries.claim_followers, claimed)).all())
 
-        return self._load_sorted(await db.write(work, action="complete_event"))
+        followers = self._load_sorted(await db.write(work, action="complete_event"))
+        await db.purge_if_due(self._now())
+        return followers
 
     async def _replay(
         self, handler: EventHandler, leader: EventLike, followers: list[E], depth: int

@@ -20,11 +20,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql.errors import ConfigurationError
 from ordering_sql.settings import Settings
 from ordering_sql.store import Store
+from ordering_sql.store._dialects import Dialect
 
 __all__ = ["current", "head_revision", "migrate", "script_location", "sql_script", "upgrade"]
 
@@ -61,19 +62,22 @@ def head_revision() -> str:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the database behind ``engine`` up to ``revision``, in one transaction."""
-    store = Store(engine, owns_engine=False)
+    """Bring the database behind a host's ``engine`` up to ``revision``; the engine stays open."""
+    await Store.from_engine(engine).migrate(revision)
+
+
+async def run_upgrade(conn: AsyncConnection, dialect: Dialect, revision: str = "head") -> None:
+    """Run the Alembic upgrade on ``conn``, inside the transaction the caller opened."""
     cfg = alembic_config()
 
-    def _run(conn: Connection) -> None:
-        cfg.attributes["connection"] = conn
+    def _run(sync_conn: Connection) -> None:
+        cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, revision)
 
-    async with engine.begin() as conn:
-        # Two processes migrating at once (several servers starting together) take turns; the
-        # second finds the schema at head and does nothing.
-        await store.dialect.serialize(conn, "ordering_sql", _MIGRATION_LOCK)
-        await conn.run_sync(_run)
+    # Two processes migrating at once (several servers starting together) take turns; the
+    # second finds the schema at head and does nothing.
+    await dialect.serialize(conn, "ordering_sql", _MIGRATION_LOCK)
+    await conn.run_sync(_run)
 
 
 async def current(engine: AsyncEngine) -> str | None:

@@ -75,7 +75,7 @@ class Durations(BaseModel):
     lease_timeout: PositiveDuration | None = None
     #: How long a leader's claim on its parked followers lives before the lost sweep returns them.
     claim_timeout: PositiveDuration = timedelta(minutes=1)
-    #: How often the in-flight wait polls for the leader.
+    #: The longest pause between two looks at an in-flight leader (the first is after 10 ms).
     poll_interval: PositiveDuration = timedelta(milliseconds=250)
 
     @model_validator(mode="after")
@@ -113,7 +113,7 @@ def normalize_url(url: str | URL) -> URL:
     """Parse a database URL and select the async driver this project uses for its backend."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         msg = f"Cannot parse database URL {_mask_raw(str(url))!r}."
         raise ConfigurationError(msg) from None
     driver = _DRIVERS.get(parsed.drivername)
@@ -130,18 +130,18 @@ def mask_url(url: str | URL) -> str:
     """Render a URL for messages and logs, with any password replaced by ``***``."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return _mask_raw(str(url))
 
 
 def _mask_raw(url: str) -> str:
-    # An unparseable URL may still carry "user:password@"; drop what lies between ':' and '@'.
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        rest = f"{user}:***@{host}"
-    return f"{scheme}{sep}{rest}"
+    """Mask a URL that does not parse: whatever stands between a user name and '@' goes."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    prefix, slash, credentials = head.rpartition("/")
+    user = credentials.split(":", 1)[0]
+    return f"{prefix}{slash}{user}:***@{host}"
 
 
 class Settings(BaseModel):

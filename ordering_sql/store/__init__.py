@@ -13,6 +13,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
 from sqlalchemy import inspect as sa_inspect
@@ -29,13 +30,18 @@ from ordering_sql.errors import (
 from ordering_sql.schema import VERSION_TABLE
 from ordering_sql.settings import Settings, mask_url
 from ordering_sql.store._dialects import Dialect, Failure, dialect_for
-from ordering_sql.store._queries import Queries, queries_for
+from ordering_sql.store._queries import Queries, params, queries_for
 
 __all__ = ["Store", "acquire_store", "dispose_engines", "release_store"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The engine's own purge of expired rows: how many rows at most, how often.
+AUTO_PURGE_BATCH: Final = 5000
+AUTO_PURGE_EVERY: Final = timedelta(minutes=1)
+AUTO_PURGE_SOON: Final = timedelta(seconds=1)
 
 #: How often one unit of work is tried when the database reports a transient fault.
 MAX_ATTEMPTS: Final = 6
@@ -56,8 +62,15 @@ class Store:
         self.dialect: Dialect = dialect_for(engine.dialect.name)
         self.queries: Queries = queries_for(engine.dialect.name)
         self.url = mask_url(engine.url)
+        self.disposed = False  # set by dispose(): instances then fetch a fresh shared Store
         self._ready = False
         self._ready_lock = asyncio.Lock()
+        self._next_purge: datetime | None = None
+        # On a single-writer database, this process's writers queue here instead of contending
+        # for the database lock, where a loser sleeps in SQLite's busy handler (milliseconds,
+        # growing) even after the lock is free. Writers in other processes still meet at the
+        # database lock and wait up to the busy timeout. A Store belongs to one event loop.
+        self._writers: asyncio.Lock | None = asyncio.Lock() if self.dialect.single_writer else None
         self._read_options = self.dialect.read_options()
 
     @classmethod
@@ -78,6 +91,7 @@ class Store:
         return store
 
     async def dispose(self) -> None:
+        self.disposed = True
         if self.owns_engine:
             await self.engine.dispose()
 
@@ -102,7 +116,10 @@ class Store:
         attempt = 1
         while True:
             try:
-                async with self._connection(read_only=read_only) as conn:
+                if read_only or self._writers is None:
+                    async with self._connection(read_only=read_only) as conn:
+                        return await work(conn)
+                async with self._writers, self._connection(read_only=False) as conn:
                     return await work(conn)
             except _Transient as transient:
                 cause = transient.__cause__
@@ -135,7 +152,9 @@ class Store:
         try:
             async with self.engine.connect() as conn:
                 if read_only:
-                    conn = await conn.execution_options(**self._read_options)
+                    # Autocommit reads: no BEGIN/COMMIT round trips for a single SELECT.
+                    yield await conn.execution_options(**self._read_options)
+                    return
                 async with conn.begin():
                     yield conn
         except OrderingError:
@@ -163,24 +182,68 @@ class Store:
         async with self._ready_lock:
             if self._ready:
                 return
+            self._check_reachable()
             from ordering_sql import migration  # imported late: it pulls in Alembic
 
             expected = migration.head_revision()
             current = await self._with_retries(self._current_revision)
             if current != expected and self.dialect.migrates_on_first_use and self.owns_engine:
                 logger.info("migrating embedded database %s to %s", self.url, expected)
-                await self._with_retries(lambda: migration.upgrade(self.engine))
+                await self.migrate()
                 current = await self._with_retries(self._current_revision)
             if current != expected:
                 raise _not_ready(self.url, current, expected)
             self._ready = True
 
-    async def migrate(self) -> None:
-        """Bring the schema to the newest revision (retrying transient faults)."""
-        from ordering_sql import migration
+    # -- housekeeping --------------------------------------------------------------------------
 
-        await self._with_retries(lambda: migration.upgrade(self.engine))
+    async def purge_expired(self, now: datetime, *, limit: int) -> int:
+        """Delete at most ``limit`` event rows whose marks all expired; how many went."""
+        query, values = self.queries.purge_events, params(now=now, limit=limit)
+
+        async def work(conn: AsyncConnection) -> int:
+            return int((await conn.execute(query, values)).rowcount)
+
+        return await self.write(work, action="purge")
+
+    async def purge_if_due(self, now: datetime) -> None:
+        """The engine's own purge: one bounded batch, at most once a minute per process.
+
+        When a batch comes back full, the next one is due a second later instead, so the purge
+        keeps up with a busy service (up to ``AUTO_PURGE_BATCH`` rows a second). Purging is
+        housekeeping: a failure is logged and does not reach the caller.
+        """
+        if self._next_purge is not None and now < self._next_purge:
+            return
+        self._next_purge = now + AUTO_PURGE_EVERY  # set first: one purge at a time per Store
+        try:
+            deleted = await self.purge_expired(now, limit=AUTO_PURGE_BATCH)
+        except OrderingError:
+            logger.error(
+                "automatic purge of expired rows failed", exc_info=True, extra={"action": "purge"}
+            )
+            return
+        if deleted == AUTO_PURGE_BATCH:
+            self._next_purge = now + AUTO_PURGE_SOON
+        logger.debug("purged %d expired rows", deleted, extra={"action": "purge"})
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision``, in one transaction (retrying transient faults)."""
+        from ordering_sql import migration  # imported late: it pulls in Alembic
+
+        async def attempt() -> None:
+            async with self._connection(read_only=False) as conn:
+                await migration.run_upgrade(conn, self.dialect, revision)
+
+        self._check_reachable()
+        await self._with_retries(attempt)
         self._ready = False
+
+    def _check_reachable(self) -> None:
+        reason = self.dialect.unreachable(self.engine.url)
+        if reason is not None:
+            msg = f"Cannot connect to database {self.url!r}: {reason}."
+            raise DatabaseUnavailableError(msg, url=self.url)
 
     async def _current_revision(self) -> str | None:
         async with self._connection(read_only=True) as conn:

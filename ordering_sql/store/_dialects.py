@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import sqlite3
+from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 from uuid import UUID
 
@@ -40,6 +41,8 @@ class Dialect(Protocol):
     name: ClassVar[str]
     #: Whether a missing or old schema is migrated on first use instead of raising.
     migrates_on_first_use: ClassVar[bool]
+    #: Whether the database admits one writer at a time (so a process queues its own writers).
+    single_writer: ClassVar[bool]
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
@@ -59,6 +62,9 @@ class Dialect(Protocol):
     def classify(self, exc: BaseException) -> Failure:
         """Sort a driver error into a ``Failure``."""
 
+    def unreachable(self, url: URL) -> str | None:
+        """Why ``url`` cannot work, if that is known without connecting; else None."""
+
 
 class SqliteDialect:
     """SQLite through aiosqlite: one writer at a time, WAL so readers never block it.
@@ -67,12 +73,13 @@ class SqliteDialect:
     transaction could start as a reader and fail with SQLITE_BUSY when it tries to write. Following
     SQLAlchemy's documented recipe, the driver's own transaction handling is switched off and every
     write transaction starts with ``BEGIN IMMEDIATE``, which takes the database's single write lock
-    up front (waiting up to the busy timeout). Read-only work starts with a plain ``BEGIN``.
+    up front (waiting up to the busy timeout). Reads are single statements in autocommit mode.
     """
 
     name: ClassVar[str] = "sqlite"
     # An embedded file belongs to the application that opened it: set it up on first use.
     migrates_on_first_use: ClassVar[bool] = True
+    single_writer: ClassVar[bool] = True
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
@@ -104,6 +111,16 @@ class SqliteDialect:
         # lock, so no other writer (parking or completing) can interleave with it.
         return None
 
+    def unreachable(self, url: URL) -> str | None:
+        # Checked up front because a failed aiosqlite connect leaves its worker thread to
+        # report to an event loop that may be gone by then.
+        if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+            return None
+        folder = Path(url.database).expanduser().absolute().parent
+        if not folder.is_dir():
+            return f"the directory {str(folder)!r} does not exist"
+        return None
+
     def classify(self, exc: BaseException) -> Failure:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
         if isinstance(orig, sqlite3.Error):
@@ -128,10 +145,10 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    if conn.get_execution_options().get(READ_ONLY):
-        conn.exec_driver_sql("BEGIN")
-    else:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the single write lock up front
+    # Reads run as single autocommit statements (each one consistent on its own); every other
+    # transaction takes the single write lock up front.
+    if not conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 # SQLSTATE classes and codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
@@ -160,13 +177,15 @@ class PostgresDialect:
     name: ClassVar[str] = "postgresql"
     # A shared server's schema changes only when an operator runs `ordering-sql migrate`.
     migrates_on_first_use: ClassVar[bool] = False
+    single_writer: ClassVar[bool] = False
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         return {
             "pool_size": settings.pool_size,
             "max_overflow": settings.pool_size,
-            # A connection dropped by a database restart is noticed at checkout and replaced.
-            "pool_pre_ping": True,
+            # No pre-ping (it costs a round trip per checkout): a connection dropped by a database
+            # restart fails its statement as "invalidated", SQLAlchemy then discards every pooled
+            # connection older than it, and the Store retries the unit of work on a fresh one.
             "connect_args": {"timeout": settings.connect_timeout_s},
         }
 
@@ -184,6 +203,9 @@ class PostgresDialect:
         # and by the leader that completes, released at commit. Locks nothing else, so unrelated
         # events never wait on each other; a hash collision only adds a short wait.
         await conn.execute(_ADVISORY_LOCK, {"key": advisory_key(scope, key)})
+
+    def unreachable(self, url: URL) -> str | None:
+        return None
 
     def classify(self, exc: BaseException) -> Failure:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -12,10 +12,22 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Delete, Select, Update, and_, bindparam, case, delete, func, or_, select
+from sqlalchemy import (
+    Delete,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy import update as sa_update
 
-from ordering_sql.schema import events, followers
+from ordering_sql.schema import UtcDateTime, events, followers
 from ordering_sql.store._dialects import dialect_for
 
 __all__ = ["Queries", "params", "queries_for"]
@@ -28,13 +40,23 @@ def _p(name: str, **kwargs: Any) -> Any:
 
 _scope = _p("scope")
 _event_id = _p("event_id")
-_now = _p("now")
+_now = _p("now", type_=UtcDateTime())
 _owner = _p("owner")
 
 
 def params(**values: Any) -> dict[str, Any]:
     """Parameters for the statements below: ``params(scope=...)`` binds ``p_scope``."""
     return {f"p_{name}": value for name, value in values.items()}
+
+
+def _leader_mark(column: str) -> Any:
+    """A scalar subquery: one mark of the event ``leader_id`` in this scope."""
+    leader = events.alias("leader")
+    return (
+        select(leader.c[column])
+        .where(leader.c.scope == _scope, leader.c.event_id == _p("leader_id"))
+        .scalar_subquery()
+    )
 
 
 def _not_live(column: Any) -> Any:
@@ -48,7 +70,8 @@ class Queries:
     #: retried statement whose first commit went through is harmless). It is one statement on
     #: one row: Postgres re-checks the WHERE clause on the newest row version under the row lock
     #: taken by ON CONFLICT, and SQLite runs it under its single write lock, so two concurrent
-    #: callers can never both succeed.
+    #: callers can never both succeed. The row returned also carries the marks of ``leader_id``
+    #: (NULL if unknown), so the leader check costs no second round trip.
     acquire: Any
     #: Mark ``event_id`` seen and end its lease, only if ``owner`` still holds it (or no row
     #: exists at all). Returns a row on success; no row means the lease was taken over.
@@ -63,7 +86,8 @@ class Queries:
     marks: Select[Any]
     #: Park (or re-park) a follower, unclaimed.
     park: Any
-    #: Claim the unclaimed (or expired-claim) followers of ``leader_id`` for ``owner``.
+    #: Claim the unclaimed (or expired-claim) followers of ``leader_id`` for ``owner``; those
+    #: ``owner`` claimed already come back too, so a retried completion returns them again.
     claim_followers: Any
     forget_follower: Delete
     followers_of: Select[Any]
@@ -75,7 +99,10 @@ class Queries:
     clear_followers: Delete
     clear_all_events: Delete
     clear_all_followers: Delete
+    #: Delete at most ``p_limit`` event rows whose marks have all expired (any scope).
     purge_events: Delete
+    #: How many rows a purge would delete: seen records, then leases never completed.
+    expired_counts: Any
 
 
 @cache
@@ -103,7 +130,11 @@ def queries_for(dialect_name: str) -> Queries:
             events.c.owner == acquire_ins.excluded.owner,
             and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
         ),
-    ).returning(events.c.event_id)
+    ).returning(
+        events.c.event_id,
+        _leader_mark(events.c.seen_until.key).label("leader_seen_until"),
+        _leader_mark(events.c.lease_until.key).label("leader_lease_until"),
+    )
 
     complete_ins = dialect.insert(events).values(
         scope=_scope,
@@ -181,7 +212,7 @@ def queries_for(dialect_name: str) -> Queries:
         .where(
             in_scope,
             followers.c.leader_id == _p("leader_id"),
-            _not_live(followers.c.claimed_until),
+            or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner),
         )
         .values(claimed_by=_owner, claimed_until=_p("claimed_until"))
         .returning(followers.c.event, followers.c.occurred, followers.c.follower_id)
@@ -214,7 +245,14 @@ def queries_for(dialect_name: str) -> Queries:
         .order_by(followers.c.occurred, followers.c.follower_id)
     )
 
+    expired = events.c.expires_at <= _now
+    expired_counts = select(
+        func.count().filter(events.c.seen_until.is_not(None)).label("seen"),
+        func.count().filter(events.c.seen_until.is_(None)).label("leases"),
+    ).where(expired)
+
     return Queries(
+        expired_counts=expired_counts,
         acquire=acquire,
         complete=complete,
         release=release,
@@ -232,12 +270,20 @@ def queries_for(dialect_name: str) -> Queries:
         clear_followers=delete(followers).where(in_scope),
         clear_all_events=delete(events),
         clear_all_followers=delete(followers),
-        purge_events=delete(events).where(events.c.expires_at <= _now),
+        purge_events=delete(events).where(
+            tuple_(events.c.scope, events.c.event_id).in_(
+                select(events.c.scope, events.c.event_id).where(expired).limit(_p("limit"))
+            )
+        ),
     )
 
 
-def scope_counts(now: Any) -> tuple[Select[Any], Select[Any]]:
-    """Per-scope counts for ``ordering-sql status``: one query per table, grouped by scope."""
+def scope_counts(now: Any, horizon: Any) -> tuple[Select[Any], Select[Any]]:
+    """Per-scope counts for ``ordering-sql status``: one query per table, grouped by scope.
+
+    ``now`` and ``horizon`` (now minus the lookback) are literal values here: these queries run
+    once per command, not on a hot path.
+    """
     seen_live = and_(events.c.seen_until.is_not(None), events.c.seen_until > now)
     lease_live = and_(events.c.lease_until.is_not(None), events.c.lease_until > now)
     events_q = select(
@@ -253,6 +299,7 @@ def scope_counts(now: Any) -> tuple[Select[Any], Select[Any]]:
         followers.c.scope,
         func.count().label("parked"),
         func.count().filter(followers.c.claimed_until.is_not(None)).label("claimed"),
+        func.count().filter(followers.c.received <= horizon).label("past_lookback"),
         func.min(followers.c.received).label("oldest_received"),
     ).group_by(followers.c.scope)
     return events_q, followers_q
