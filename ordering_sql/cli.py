@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="database to run on (default: SQLite in a temporary directory)",
     )
-    demo_p.add_argument("--events", type=_positive_int, default=1000, help="events (1000)")
+    demo_p.add_argument("--events", type=_positive_int, default=600, help="events (600)")
     demo_p.add_argument("--workers", type=_positive_int, default=4, help="workers, >= 2 (4)")
     demo_p.add_argument("--seed", type=int, default=7, help="random seed of the stream (7)")
     demo_p.set_defaults(func=_demo)

@@ -87,7 +87,7 @@ class DemoReport(BaseModel):
 async def run_demo(
     *,
     database_url: str | None = None,
-    events: int = 2000,
+    events: int = 600,
     workers: int = 4,
     seed: int = 7,
     on_progress: Callable[[int, int], None] | None = None,
