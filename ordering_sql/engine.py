@@ -20,6 +20,7 @@ dialect-specific step (serialising writers on a key) from ``store._dialects``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -39,6 +40,7 @@ from ordering_sql.errors import (
     EventBeingProcessed,
     LeaseLostError,
     MaxDepthExceeded,
+    OrderingError,
 )
 from ordering_sql.models import EventLike, ReceivedEvent, utc_now
 from ordering_sql.schema import SCOPE_LENGTH
@@ -408,11 +410,12 @@ class CausalOrdering(Generic[E]):
         and ``LeaseLostError`` after the body if the lease expired and was taken over.
         """
         lease = await self._acquire_or_raise(event)
-        try:
-            yield
-        except BaseException:
-            await self._release_after_failure(event.id, lease.token)
-            raise
+        async with self._renewing(event.id, lease.token):
+            try:
+                yield
+            except BaseException:
+                await self._release_after_failure(event.id, lease.token)
+                raise
         await self._complete(event, lease.token, claim=False)
 
     async def wait_for_leader(self, event: EventLike) -> None:
@@ -441,20 +444,74 @@ class CausalOrdering(Generic[E]):
             raise MaxDepthExceeded(event)
 
         lease = await self._acquire_or_raise(event, leader_id=event.follows)
-        try:
-            await self._wait_for_leader(event, lease.token, lease.leader)
-        except EventArrivedEarly:
-            raise  # parked: the parking transaction already ended our lease
-        except BaseException:
-            await self._release_after_failure(event.id, lease.token)
-            raise
-        try:
-            yield
-        except BaseException:
-            await self._release_after_failure(event.id, lease.token)
-            raise
+        async with self._renewing(event.id, lease.token):
+            try:
+                await self._wait_for_leader(event, lease.token, lease.leader)
+            except EventArrivedEarly:
+                raise  # parked: the parking transaction already ended our lease
+            except BaseException:
+                await self._release_after_failure(event.id, lease.token)
+                raise
+            try:
+                yield
+            except BaseException:
+                await self._release_after_failure(event.id, lease.token)
+                raise
         followers = await self._complete(event, lease.token, claim=True)
         await self._replay(handler, event, followers, depth)
+
+    @asynccontextmanager
+    async def _renewing(self, event_id: UUID, token: UUID) -> AsyncIterator[None]:
+        """Keep the lease of ``token`` alive while the body runs longer than a third of it.
+
+        Without this a handler slower than ``lease_timeout`` would let another worker take the
+        event over while it still runs. Nothing is started for a body that ends sooner: a timer
+        starts the renewer. Why it is safe: a renewal only extends a lease that ``token`` still
+        holds (the same owner, not ended), in one statement; once the lease was ended (failure,
+        parking) or taken over, a renewal changes nothing. A worker that dies stops renewing,
+        so its lease expires as before.
+        """
+        interval = self.durations.lease.total_seconds() / 3
+        stop = asyncio.Event()
+        renewer: asyncio.Task[None] | None = None
+
+        def start() -> None:
+            nonlocal renewer
+            renewer = asyncio.create_task(self._renew_until(stop, event_id, token, interval))
+
+        timer = asyncio.get_running_loop().call_later(interval, start)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            stop.set()
+            if renewer is not None:
+                await renewer  # lets a renewal in flight finish; it never raises
+
+    async def _renew_until(
+        self, stop: asyncio.Event, event_id: UUID, token: UUID, interval: float
+    ) -> None:
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> bool:
+            now = self._now()
+            renewal = self._params(event_id, owner=token, lease_until=now + self.durations.lease)
+            return bool((await conn.execute(db.queries.renew, renewal)).rowcount)
+
+        while not stop.is_set():
+            try:
+                if not await db.write(work, action="renew_lease"):
+                    return  # ended or taken over: nothing left to keep alive
+            except OrderingError:
+                logger.warning(
+                    "could not renew the lease of event %s; trying again in %.1fs",
+                    event_id,
+                    interval,
+                    exc_info=True,
+                    extra={"action": "renew_lease", "scope": self.scope},
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
     async def _acquire_or_raise(self, event: EventLike, leader_id: UUID | None = None) -> _Lease:
         lease = await self._acquire(event.id, leader_id)

@@ -80,6 +80,8 @@ class Queries:
     release: Update
     #: End the lease whoever holds it (the reference's ``forget_event_is_processing``).
     release_any: Update
+    #: Extend the lease ``owner`` still holds (not one it ended or lost) to ``lease_until``.
+    renew: Update
     #: Mark seen, leaving any lease as it is (the reference's ``record_event_as_seen``).
     mark_seen: Any
     #: ``seen_until`` and ``lease_until`` of one event.
@@ -162,6 +164,17 @@ def queries_for(dialect_name: str) -> Queries:
     }
     release = sa_update(events).where(this_event, events.c.owner == _owner).values(released)
     release_any = sa_update(events).where(this_event).values(released)
+    renewed_until = _p("lease_until")
+    renew = (
+        sa_update(events)
+        .where(this_event, events.c.owner == _owner, events.c.lease_until.is_not(None))
+        .values(
+            lease_until=renewed_until,
+            expires_at=case(
+                (events.c.seen_until > renewed_until, events.c.seen_until), else_=renewed_until
+            ),
+        )
+    )
 
     seen_ins = dialect.insert(events).values(
         scope=_scope,
@@ -257,6 +270,7 @@ def queries_for(dialect_name: str) -> Queries:
         complete=complete,
         release=release,
         release_any=release_any,
+        renew=renew,
         mark_seen=mark_seen,
         marks=marks,
         park=park,
