@@ -1,0 +1,45 @@
+"""The README's promises: its opening commands and its usage example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_opens_with_the_setup_and_test_commands() -> None:
+    first = _blocks("bash")[0].strip().splitlines()
+    assert README.index("```bash") < README.index("## "), "the commands come before any section"
+    setup = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]'"
+    assert first == [f"{setup} && .venv/bin/ordering-sql demo", ".venv/bin/python -m pytest"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    test_command = _blocks("bash")[0].strip().splitlines()[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == test_command
+
+
+def test_usage_example_runs_and_orders(tmp_path: Path) -> None:
+    example = _blocks("python")[0]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["handling order.placed", "handling order.paid"]
+    assert (tmp_path / "ordering.db").exists(), "the example uses the embedded default"
