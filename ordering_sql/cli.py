@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
-from typing import Final, TextIO
+from typing import BinaryIO, Final
 
 from ordering_sql import migration
 from ordering_sql.admin import ScopeStatus, peek_lost, purge, status
@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the end, also emit followers whose leader did not come within the lookback",
     )
     order_p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    order_p.add_argument(
+        "--restamp",
+        action="store_true",
+        help=(
+            "treat every event as received now: without it, an event whose `received` is older "
+            "than the lookback (15 min) is not held back for its leader, as in the engine; use "
+            "it to order an old log"
+        ),
+    )
     order_p.set_defaults(func=_order)
 
     lost_p = commands.add_parser(
@@ -189,6 +198,7 @@ async def _order(args: argparse.Namespace) -> int:
         args.scope, database_url=args.database_url
     )
     try:
+        await ordering.check()  # a bad database fails now, even for an empty input
         with _open_input(args.file) as lines:
             summary = await order_lines(
                 ordering,
@@ -197,6 +207,7 @@ async def _order(args: argparse.Namespace) -> int:
                 on_malformed=malformed,
                 strict=args.strict,
                 flush_lost=args.flush_lost,
+                restamp=args.restamp,
             )
     except MalformedLine as exc:
         out.flush()
@@ -210,12 +221,13 @@ async def _order(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _open_input(name: str) -> Iterator[TextIO]:
+def _open_input(name: str) -> Iterator[BinaryIO]:
+    # Binary: each line is checked as UTF-8 on its own, so one bad line is one malformed line.
     if name == "-":
-        yield sys.stdin
+        yield sys.stdin.buffer
         return
     try:
-        handle = open(name, encoding="utf-8")  # noqa: SIM115 - closed below
+        handle = open(name, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         msg = f"Cannot read {name!r}: {exc.strerror}."
         raise ConfigurationError(msg) from None

@@ -165,6 +165,14 @@ class CausalOrdering(Generic[E]):
         self._shared_stores.clear()
         self._store = None
 
+    async def check(self) -> None:
+        """Connect and check the schema now, instead of at the first real call.
+
+        Raises what that call would (``DatabaseUnavailableError``, ``SchemaNotReadyError``...);
+        an embedded SQLite database is migrated. Useful at a service's start-up.
+        """
+        await (await self._db()).ensure_ready()
+
     async def _db(self) -> Store:
         if self._closed:
             msg = f"This CausalOrdering (scope {self.scope!r}) was closed; create a new one."

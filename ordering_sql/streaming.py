@@ -9,6 +9,7 @@ are read and written one at a time, and parked events live in the database, not 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed
-from ordering_sql.models import ReceivedEvent
+from ordering_sql.models import ReceivedEvent, utc_now
 
 __all__ = ["MalformedLine", "OrderSummary", "order_lines"]
 
@@ -57,17 +58,30 @@ def _reason(exc: ValidationError) -> str:
 
 async def order_lines(
     ordering: CausalOrdering[Any],
-    lines: Iterable[str],
+    lines: Iterable[bytes | str],
     emit: Callable[[str], None],
     *,
     on_malformed: Callable[[int, str], None],
     strict: bool = False,
     flush_lost: bool = False,
+    restamp: bool = False,
 ) -> OrderSummary:
-    """Push JSON lines through ``ordering``; ``emit`` gets each event's JSON when it is ready."""
+    """Push JSON lines through ``ordering``; ``emit`` gets each event's JSON when it is ready.
+
+    Lines may be bytes (checked as UTF-8 like the rest of the JSON) or text. With ``restamp``
+    every event counts as received now, whatever its ``received`` says: an old log is then
+    ordered along every ``follows`` edge instead of passing through as too old to wait.
+    """
     summary = OrderSummary()
+    max_depth = ordering.durations.max_depth_of_preceding_event
+    # Followers released deeper than the engine's recursion limit wait here and are delivered
+    # again from the top, so a chain of any length comes out whole and in order.
+    deeper: deque[ReceivedEvent] = deque()
 
     async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        if depth > max_depth:
+            deeper.append(event)  # still claimed by its leader: nobody else takes it meanwhile
+            return
         async with ordering.preceding_event_confirmed(handler, event, depth):
             emit(event.model_dump_json())
             summary.emitted += 1
@@ -83,6 +97,10 @@ async def order_lines(
             summary.parked += 1
         except EventBeingProcessed:
             summary.duplicates += 1  # another consumer holds it right now
+        while deeper:
+            emitted = summary.emitted
+            await deliver(deeper.popleft())
+            summary.replayed += summary.emitted > emitted  # released by its leader, too
 
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -96,6 +114,8 @@ async def order_lines(
                 raise MalformedLine(number, _reason(exc)) from None
             on_malformed(number, _reason(exc))
             continue
+        if restamp:
+            event = event.model_copy(update={"received": utc_now()})
         await deliver(event)
 
     if flush_lost:
