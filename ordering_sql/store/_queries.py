@@ -284,10 +284,14 @@ def queries_for(dialect_name: str) -> Queries:
         clear_followers=delete(followers).where(in_scope),
         clear_all_events=delete(events),
         clear_all_followers=delete(followers),
+        # The expiry test stands in the DELETE's own WHERE too: under Postgres's READ
+        # COMMITTED, a row that was re-leased while the DELETE waited for its lock is
+        # re-checked against this WHERE (not the subquery's), and so is kept.
         purge_events=delete(events).where(
+            expired,
             tuple_(events.c.scope, events.c.event_id).in_(
                 select(events.c.scope, events.c.event_id).where(expired).limit(_p("limit"))
-            )
+            ),
         ),
     )
 
