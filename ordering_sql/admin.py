@@ -12,7 +12,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ordering_sql.settings import PRECEDING_EVENT_LOOKBACK
+from ordering_sql.settings import PRECEDING_EVENT_LOOKBACK, Durations
 from ordering_sql.store import Store
 from ordering_sql.store._queries import params, scope_counts
 
@@ -69,11 +69,17 @@ async def status(
 
 
 async def peek_lost(
-    store: Store, *, scope: str, now: datetime, lookback: timedelta = PRECEDING_EVENT_LOOKBACK
+    store: Store, *, scope: str, now: datetime, durations: Durations | None = None
 ) -> list[str]:
     """The JSON of the followers ``get_lost_followers()`` would return, without removing any."""
+    durations = durations or Durations()
     query = store.queries.peek_lost
-    values = params(scope=scope, now=now, horizon=now - lookback)
+    values = params(
+        scope=scope,
+        now=now,
+        horizon=now - durations.preceding_event_lookback,
+        seen_cutoff=now + durations.seen - durations.claim_timeout,
+    )
 
     async def work(conn: AsyncConnection) -> list[str]:
         return [row.event for row in await conn.execute(query, values)]

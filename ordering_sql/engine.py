@@ -237,7 +237,7 @@ class CausalOrdering(Generic[E]):
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(query, release)
 
-        await db.write(work, action="forget_event_is_processing")
+        await db.step(work, action="forget_event_is_processing")
 
     async def _acquire(self, event_id: UUID, leader_id: UUID | None = None) -> _Lease | None:
         """Take the lease for a fresh owner token; None if it is held or the event was seen.
@@ -262,7 +262,7 @@ class CausalOrdering(Generic[E]):
             leader = _Marks.at(now, row.leader_seen_until, row.leader_lease_until)
             return _Lease(token, leader if leader_id is not None else None)
 
-        return await db.write(work, action="record_event_as_processing")
+        return await db.step(work, action="record_event_as_processing")
 
     async def _release(self, event_id: UUID, token: UUID) -> None:
         """End the lease held by ``token``; a no-op if it was taken over meanwhile."""
@@ -272,7 +272,7 @@ class CausalOrdering(Generic[E]):
             release = self._params(event_id, owner=token, now=self._now())
             await conn.execute(db.queries.release, release)
 
-        await db.write(work, action="release_lease")
+        await db.step(work, action="release_lease")
 
     async def _release_after_failure(self, event_id: UUID, token: UUID) -> None:
         # The handler already failed; that error is what the caller must see. If the release
@@ -300,7 +300,7 @@ class CausalOrdering(Generic[E]):
             seen_until = self._now() + self.durations.seen
             await conn.execute(db.queries.mark_seen, self._params(event.id, seen_until=seen_until))
 
-        await db.write(work, action="record_event_as_seen")
+        await db.step(work, action="record_event_as_seen")
 
     async def _marks(self, event_id: UUID) -> _Marks:
         """Whether ``event_id`` is seen, and whether it is being processed, right now."""
@@ -323,17 +323,25 @@ class CausalOrdering(Generic[E]):
         db = await self._db()
 
         async def work(conn: AsyncConnection) -> None:
-            await conn.execute(db.queries.park, self._follower_params(event))
+            values = self._follower_params(event, now=self._now(), owner=None)
+            await db.queries.park(conn, values, unless_leader_seen=False)
 
-        await db.write(work, action="record_follower")
+        await db.step(work, action="record_follower")
 
-    def _follower_params(self, event: EventLike) -> dict[str, Any]:
+    def _follower_params(
+        self, event: EventLike, *, now: datetime, owner: UUID | None
+    ) -> dict[str, Any]:
+        # The leader's row is kept while its followers may wait: at least the lookback.
+        hold = self.durations.preceding_event_lookback + self.durations.claim_timeout
         return self._params(
             event.id,
             leader_id=event.follows,
             occurred=event.occurred,
             received=event.received,
             event=event.model_dump_json(),
+            now=now,
+            owner=owner,
+            hold_until=now + hold,
         )
 
     async def forget_follower(self, follower: EventLike) -> None:
@@ -342,7 +350,7 @@ class CausalOrdering(Generic[E]):
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(db.queries.forget_follower, self._params(follower.id))
 
-        await db.write(work, action="forget_follower")
+        await db.step(work, action="forget_follower")
 
     async def get_followers(self, leader: UUID | str | EventLike) -> list[E]:
         """The events waiting for ``leader``, in ``occurred`` order."""
@@ -379,10 +387,12 @@ class CausalOrdering(Generic[E]):
         async def work(conn: AsyncConnection) -> list[Any]:
             now = self._now()
             horizon = now - self.durations.preceding_event_lookback
-            query_params = self._params(now=now, horizon=horizon)
+            # A leader seen at least a claim timeout ago: its seen mark ends later than this.
+            seen_cutoff = now + self.durations.seen - self.durations.claim_timeout
+            query_params = self._params(now=now, horizon=horizon, seen_cutoff=seen_cutoff)
             return list((await conn.execute(db.queries.take_lost, query_params)).all())
 
-        return self._load_sorted(await db.write(work, action="get_lost_followers"))
+        return self._load_sorted(await db.step(work, action="get_lost_followers"))
 
     # -- clearing ------------------------------------------------------------------------------
 
@@ -508,7 +518,7 @@ class CausalOrdering(Generic[E]):
 
         while not stop.is_set():
             try:
-                if not await db.write(work, action="renew_lease"):
+                if not await db.step(work, action="renew_lease"):
                     return  # ended or taken over: nothing left to keep alive
             except OrderingError:
                 logger.warning(
@@ -584,35 +594,29 @@ class CausalOrdering(Generic[E]):
     async def _park(self, event: EventLike, token: UUID | None) -> bool:
         """Park ``event`` until its leader completes; False if the leader is seen after all.
 
-        Why no follower is orphaned: this transaction and the leader's completion (``_complete``
-        with ``claim=True``) both begin by serialising on the key (scope, leader id). If the
-        leader completed first, the re-check below sees its seen mark and we do not park. If we
-        park first, our row is committed before the leader's claim statement runs, so the leader
-        claims and replays it. On SQLite the serialisation is its single write lock.
+        Why no follower is orphaned: the parking step flags the leader's row and reads its seen
+        mark under that row's lock, and the leader's completion marks the same row seen; the
+        row lock orders the two (SQLite: its single write lock). If the leader completed first,
+        we see its seen mark and do not park. If we parked first, the completion sees the flag
+        and claims our row in a statement that starts after our commit, so it replays us. The
+        full argument is in ``store/_queries.py``.
 
-        The follower's own lease (``token``) is ended in the same transaction, so a leader that
+        The follower's own lease (``token``) is ended in the same step, so a leader that
         completes right after can always take it to replay the follower.
         """
         assert event.follows is not None
-        leader = event.follows
         db = await self._db()
-        parked = self._follower_params(event)
 
         async def work(conn: AsyncConnection) -> bool:
-            await db.dialect.serialize(conn, self.scope, leader)
             now = self._now()
-            row = (await conn.execute(db.queries.marks, self._params(leader))).first()
-            if row is not None and row.seen_until is not None and row.seen_until > now:
-                if token is not None and not await self._still_holds(db, conn, event.id, token):
-                    raise EventBeingProcessed(event)
-                return False
-            await conn.execute(db.queries.park, parked)
-            if token is not None:
-                release = self._params(event.id, owner=token, now=now)
-                await conn.execute(db.queries.release, release)
-            return True
+            values = self._follower_params(event, now=now, owner=token)
+            if await db.queries.park(conn, values, unless_leader_seen=True):
+                return True
+            if token is not None and not await self._still_holds(db, conn, event.id, token):
+                raise EventBeingProcessed(event)
+            return False
 
-        return await db.write(work, action="park_follower")
+        return await db.step(work, action="park_follower")
 
     async def _still_holds(
         self, db: Store, conn: AsyncConnection, event_id: UUID, token: UUID
@@ -631,39 +635,35 @@ class CausalOrdering(Generic[E]):
     async def _complete(self, event: EventLike, token: UUID, *, claim: bool) -> list[E]:
         """Mark ``event`` seen and end its lease; with ``claim``, take its parked followers.
 
-        One transaction: either all of it happens or none. If ``token`` no longer holds the
-        lease (it expired and another worker took over), nothing is written and
-        ``LeaseLostError`` is raised. The event's own parked row, if any, is deleted: it has now
-        been handled.
+        All of it happens or none (one statement on Postgres, one transaction on SQLite; a
+        second claim statement may follow, see ``Queries.complete``). If ``token`` no longer
+        holds the lease (it expired and another worker took over), nothing is written and
+        ``LeaseLostError`` is raised. The event's own parked row, if any, is deleted: it has
+        now been handled.
         """
         db = await self._db()
 
         async def work(conn: AsyncConnection) -> list[Any]:
-            if claim:
-                await db.dialect.serialize(conn, self.scope, event.id)
             now = self._now()
-            seen_until = now + self.durations.seen
-            done = self._params(event.id, owner=token, seen_until=seen_until)
-            if (await conn.execute(db.queries.complete, done)).first() is None:
+            values = self._params(
+                event.id,
+                owner=token,
+                now=now,
+                seen_until=now + self.durations.seen,
+                leader_id=event.id,
+                claimed_until=now + self.durations.claim_timeout,
+            )
+            claimed = await db.queries.complete(conn, values, claim=claim)
+            if claimed is None:
                 msg = (
                     f"The processing lease of event {event.id} in scope {self.scope!r} was taken "
                     f"over by another worker after it expired ({self.durations.lease}); this "
                     "worker's result was not recorded."
                 )
                 raise LeaseLostError(msg, scope=self.scope, event_id=event.id)
-            if _follows_something(event):
-                await conn.execute(db.queries.forget_follower, self._params(event.id))
-            if not claim:
-                return []
-            claimed = self._params(
-                leader_id=event.id,
-                owner=token,
-                now=now,
-                claimed_until=now + self.durations.claim_timeout,
-            )
-            return list((await conn.execute(db.queries.claim_followers, claimed)).all())
+            return claimed
 
-        followers = self._load_sorted(await db.write(work, action="complete_event"))
+        followers = self._load_sorted(await db.step(work, action="complete_event"))
         await db.purge_if_due(self._now())
         return followers
 

@@ -8,6 +8,7 @@ Two tables, every key led by ``scope``:
     * *processing*, as a lease: ``lease_until`` in the future means a handler holds the event;
       ``owner`` is the token of the last holder, so only that holder may complete or release it.
     * *seen*: ``seen_until`` in the future means the event was handled.
+    * *has followers*: a follower parked on this event at some point.
 
     Keeping both marks in one row is what makes "take the lease unless it is held or already
     seen" a single atomic upsert on one row lock (see ``store/_queries.py``). ``expires_at`` is
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -35,6 +37,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    false,
 )
 
 __all__ = ["VERSION_TABLE", "events", "followers", "metadata"]
@@ -91,6 +94,11 @@ events = Table(
     Column("lease_until", UtcDateTime(), nullable=True),
     Column("seen_until", UtcDateTime(), nullable=True),
     Column("expires_at", UtcDateTime(), nullable=False),
+    # Set by every follower that parks on this event, in the same statement that reads this
+    # row's seen mark under its row lock: the completion learns from it that it must look for
+    # followers (see ``store/_queries.py``). A row of an event that never arrived ("placeholder")
+    # holds only this flag.
+    Column("has_followers", Boolean(), nullable=False, server_default=false()),
     Index(None, "expires_at"),
 )
 

@@ -7,6 +7,7 @@ Every ``CausalOrdering`` on the same URL and event loop shares one Store; see ``
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import weakref
@@ -49,6 +50,12 @@ _BACKOFF_BASE_S: Final = 0.05
 _BACKOFF_CAP_S: Final = 2.0
 
 
+class _Mode(enum.Enum):
+    READ = "read"  # autocommit reads
+    TRANSACTION = "transaction"  # one write transaction (BEGIN IMMEDIATE on SQLite)
+    STEP = "step"  # autocommit where steps are single statements, else a transaction
+
+
 class _Transient(Exception):
     """Internal: a transient failure worth retrying (carries the original error)."""
 
@@ -71,7 +78,7 @@ class Store:
         # growing) even after the lock is free. Writers in other processes still meet at the
         # database lock and wait up to the busy timeout. A Store belongs to one event loop.
         self._writers: asyncio.Lock | None = asyncio.Lock() if self.dialect.single_writer else None
-        self._read_options = self.dialect.read_options()
+        self._autocommit_options = self.dialect.autocommit_options()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -99,27 +106,36 @@ class Store:
 
     async def write(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
         """Run ``work`` in one write transaction, retried as a whole on transient faults."""
-        return await self._run(work, action=action, read_only=False)
+        return await self._run(work, action=action, mode=_Mode.TRANSACTION)
+
+    async def step(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+        """Run ``work`` whose statements are each atomic on their own, retried on faults.
+
+        Where the dialect makes every protocol step one statement (Postgres), ``work`` runs in
+        autocommit: no BEGIN and COMMIT round trips. Elsewhere it runs in one transaction. A
+        retried step must be harmless to repeat; each statement of the protocol is.
+        """
+        return await self._run(work, action=action, mode=_Mode.STEP)
 
     async def read(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
         """Run ``work`` on a connection that only reads."""
-        return await self._run(work, action=action, read_only=True)
+        return await self._run(work, action=action, mode=_Mode.READ)
 
     async def _run(
         self,
         work: Callable[[AsyncConnection], Awaitable[T]],
         *,
         action: str,
-        read_only: bool,
+        mode: _Mode,
     ) -> T:
         await self.ensure_ready()
         attempt = 1
         while True:
             try:
-                if read_only or self._writers is None:
-                    async with self._connection(read_only=read_only) as conn:
+                if mode is _Mode.READ or self._writers is None:
+                    async with self._connection(mode) as conn:
                         return await work(conn)
-                async with self._writers, self._connection(read_only=False) as conn:
+                async with self._writers, self._connection(mode) as conn:
                     return await work(conn)
             except _Transient as transient:
                 cause = transient.__cause__
@@ -144,16 +160,19 @@ class Store:
                 attempt += 1
 
     @asynccontextmanager
-    async def _connection(self, *, read_only: bool) -> AsyncIterator[AsyncConnection]:
-        """A connection inside one transaction, with driver errors translated.
+    async def _connection(self, mode: _Mode) -> AsyncIterator[AsyncConnection]:
+        """A connection for one unit of work, with driver errors translated.
 
         This is the one boundary where driver exceptions become ordering-sql exceptions.
         """
+        autocommit = mode is _Mode.READ or (
+            mode is _Mode.STEP and self.dialect.single_statement_steps
+        )
         try:
             async with self.engine.connect() as conn:
-                if read_only:
-                    # Autocommit reads: no BEGIN/COMMIT round trips for a single SELECT.
-                    yield await conn.execution_options(**self._read_options)
+                if autocommit:
+                    # No BEGIN/COMMIT round trips: each statement is its own transaction.
+                    yield await conn.execution_options(**self._autocommit_options)
                     return
                 async with conn.begin():
                     yield conn
@@ -204,7 +223,7 @@ class Store:
         async def work(conn: AsyncConnection) -> int:
             return int((await conn.execute(query, values)).rowcount)
 
-        return await self.write(work, action="purge")
+        return await self.step(work, action="purge")
 
     async def purge_if_due(self, now: datetime) -> None:
         """The engine's own purge: one bounded batch, at most once a minute per process.
@@ -232,7 +251,7 @@ class Store:
         from ordering_sql import migration  # imported late: it pulls in Alembic
 
         async def attempt() -> None:
-            async with self._connection(read_only=False) as conn:
+            async with self._connection(_Mode.TRANSACTION) as conn:
                 await migration.run_upgrade(conn, self.dialect, revision)
 
         self._check_reachable()
@@ -246,7 +265,7 @@ class Store:
             raise DatabaseUnavailableError(msg, url=self.url)
 
     async def _current_revision(self) -> str | None:
-        async with self._connection(read_only=True) as conn:
+        async with self._connection(_Mode.READ) as conn:
             return await conn.run_sync(_read_revision)
 
     async def _with_retries(self, step: Callable[[], Awaitable[T]]) -> T:

@@ -43,6 +43,9 @@ class Dialect(Protocol):
     migrates_on_first_use: ClassVar[bool]
     #: Whether the database admits one writer at a time (so a process queues its own writers).
     single_writer: ClassVar[bool]
+    #: Whether a step that changes several tables can be one statement (data-modifying common
+    #: table expressions); such steps are then sent in autocommit, one round trip each.
+    single_statement_steps: ClassVar[bool]
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
@@ -50,8 +53,8 @@ class Dialect(Protocol):
     def configure(self, engine: AsyncEngine) -> None:
         """Install connection hooks on a new engine."""
 
-    def read_options(self) -> dict[str, Any]:
-        """Execution options for a connection that runs one read."""
+    def autocommit_options(self) -> dict[str, Any]:
+        """Execution options for a connection whose statements each commit on their own."""
 
     def insert(self, table: Table) -> Any:
         """An ``INSERT`` that supports ``on_conflict_do_update``/``on_conflict_do_nothing``."""
@@ -80,6 +83,7 @@ class SqliteDialect:
     # An embedded file belongs to the application that opened it: set it up on first use.
     migrates_on_first_use: ClassVar[bool] = True
     single_writer: ClassVar[bool] = True
+    single_statement_steps: ClassVar[bool] = False
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
@@ -100,15 +104,15 @@ class SqliteDialect:
             event.listen(sync_engine, "connect", _sqlite_on_connect)
             event.listen(sync_engine, "begin", _sqlite_on_begin)
 
-    def read_options(self) -> dict[str, Any]:
-        return {READ_ONLY: True}
+    def autocommit_options(self) -> dict[str, Any]:
+        return {READ_ONLY: True}  # used for reads only: writes take the write lock first
 
     def insert(self, table: Table) -> Any:
         return sqlite.insert(table)
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         # Nothing to do: the transaction began with BEGIN IMMEDIATE and holds SQLite's only write
-        # lock, so no other writer (parking or completing) can interleave with it.
+        # lock, so no other writer can interleave with it.
         return None
 
     def unreachable(self, url: URL) -> str | None:
@@ -178,6 +182,7 @@ class PostgresDialect:
     # A shared server's schema changes only when an operator runs `ordering-sql migrate`.
     migrates_on_first_use: ClassVar[bool] = False
     single_writer: ClassVar[bool] = False
+    single_statement_steps: ClassVar[bool] = True
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         return {
@@ -192,16 +197,14 @@ class PostgresDialect:
     def configure(self, engine: AsyncEngine) -> None:
         return None
 
-    def read_options(self) -> dict[str, Any]:
+    def autocommit_options(self) -> dict[str, Any]:
         return {"isolation_level": "AUTOCOMMIT"}
 
     def insert(self, table: Table) -> Any:
         return postgresql.insert(table)
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
-        # A transaction-scoped advisory lock on (scope, leader): held by the follower that parks
-        # and by the leader that completes, released at commit. Locks nothing else, so unrelated
-        # events never wait on each other; a hash collision only adds a short wait.
+        # A transaction-scoped advisory lock: released at commit, locks nothing else.
         await conn.execute(_ADVISORY_LOCK, {"key": advisory_key(scope, key)})
 
     def unreachable(self, url: URL) -> str | None:

@@ -1,9 +1,24 @@
-"""The SQL statements of the engine, built once per dialect from ``schema.py``.
+"""The SQL of the engine, built once per dialect from ``schema.py``.
 
 Every statement takes its values as bound parameters (never literals), so SQLAlchemy compiles
 each one once and reuses it; parameter ``x`` is bound as ``p_x`` and ``params()`` builds the
 dict. Times are always passed in from the engine's clock: the database's own ``now()`` is never
 consulted, so tests and simulations can move time.
+
+Two steps of the protocol change several rows at once: completing an event, and parking a
+follower. Where the database can change several tables in one statement (data-modifying common
+table expressions, Postgres), each is one statement, sent in autocommit: one round trip. Where
+it cannot (SQLite), each is a few statements in one transaction under the single write lock.
+``Queries.complete`` and ``Queries.park`` hide which.
+
+Why parking never strands a follower, on both paths: the follower's statement upserts the
+*leader's* events row (setting ``has_followers``) and reads that row's seen mark in the same
+step, and the leader's completion upserts the same row to mark it seen. The row lock orders the
+two, and an upsert always sees the newest committed version of its row. If the completion came
+first, the follower sees the seen mark and does not park. If the follower came first, the
+completion sees ``has_followers``; its own claim may have run on a snapshot older than the
+follower's commit (a statement's snapshot is taken before it waits for the lock), so it claims
+once more in a fresh statement, which sees the follower.
 """
 
 from __future__ import annotations
@@ -14,18 +29,24 @@ from typing import Any
 
 from sqlalchemy import (
     Delete,
+    Row,
     Select,
     Update,
+    Uuid,
     and_,
     bindparam,
     case,
     delete,
+    exists,
     func,
+    literal,
     or_,
     select,
+    true,
     tuple_,
 )
 from sqlalchemy import update as sa_update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql.schema import UtcDateTime, events, followers
 from ordering_sql.store._dialects import dialect_for
@@ -39,9 +60,10 @@ def _p(name: str, **kwargs: Any) -> Any:
 
 
 _scope = _p("scope")
-_event_id = _p("event_id")
+_event_id = _p("event_id", type_=Uuid())
 _now = _p("now", type_=UtcDateTime())
-_owner = _p("owner")
+_owner = _p("owner", type_=Uuid())
+_leader_id = _p("leader_id", type_=Uuid())
 
 
 def params(**values: Any) -> dict[str, Any]:
@@ -54,7 +76,7 @@ def _leader_mark(column: str) -> Any:
     leader = events.alias("leader")
     return (
         select(leader.c[column])
-        .where(leader.c.scope == _scope, leader.c.event_id == _p("leader_id"))
+        .where(leader.c.scope == _scope, leader.c.event_id == _leader_id)
         .scalar_subquery()
     )
 
@@ -63,8 +85,16 @@ def _not_live(column: Any) -> Any:
     return or_(column.is_(None), column <= _now)
 
 
+def _later(column: Any, value: Any) -> Any:
+    """The later of a column and a value (NULL counts as earliest)."""
+    return case((column > value, column), else_=value)
+
+
 @dataclass(frozen=True, slots=True)
 class Queries:
+    #: Whether multi-row steps are single statements (sent in autocommit), or several
+    #: statements that need the caller's transaction.
+    single_statement_steps: bool
     #: Take the processing lease of ``event_id`` for ``owner``: succeeds (returns a row) only if
     #: no live lease exists and the event is not seen, or if ``owner`` already holds it (so a
     #: retried statement whose first commit went through is harmless). It is one statement on
@@ -74,8 +104,13 @@ class Queries:
     #: (NULL if unknown), so the leader check costs no second round trip.
     acquire: Any
     #: Mark ``event_id`` seen and end its lease, only if ``owner`` still holds it (or no row
-    #: exists at all). Returns a row on success; no row means the lease was taken over.
-    complete: Any
+    #: exists at all). Returns ``has_followers``; no row means the lease was taken over.
+    mark_done: Any
+    #: ``mark_done`` + forget the event's own parked row + claim its followers, one statement
+    #: (Postgres only); one row per claimed follower, or one row of NULLs if none.
+    complete_and_claim: Any
+    #: ``mark_done`` + forget the event's own parked row, one statement (Postgres only).
+    complete_only: Any
     #: End the lease held by ``owner``; a no-op if someone else holds it now.
     release: Update
     #: End the lease whoever holds it (the reference's ``forget_event_is_processing``).
@@ -86,31 +121,94 @@ class Queries:
     mark_seen: Any
     #: ``seen_until`` and ``lease_until`` of one event.
     marks: Select[Any]
+    #: Flag the leader's row (creating a placeholder if needed) and return its seen mark.
+    flag_leader: Any
     #: Park (or re-park) a follower, unclaimed.
-    park: Any
+    store_follower: Any
+    #: flag_leader + store_follower + release the follower's own lease, unless the leader is
+    #: seen; one statement (Postgres only); returns the leader's seen mark.
+    park_if_leader_unseen: Any
+    #: flag_leader + store_follower, one statement (Postgres only).
+    park_always: Any
     #: Claim the unclaimed (or expired-claim) followers of ``leader_id`` for ``owner``; those
     #: ``owner`` claimed already come back too, so a retried completion returns them again.
     claim_followers: Any
     forget_follower: Delete
     followers_of: Select[Any]
     followers_by_id: Select[Any]
-    #: Delete and return the followers whose leader never came, or whose claim expired.
+    #: Delete and return the lost followers (see ``lost`` below).
     take_lost: Any
     peek_lost: Select[Any]
     clear_events: Delete
     clear_followers: Delete
     clear_all_events: Delete
     clear_all_followers: Delete
-    #: Delete at most ``p_limit`` event rows whose marks have all expired (any scope).
+    #: Delete at most ``p_limit`` event rows whose marks have all expired (any scope), except
+    #: those that followers still wait on.
     purge_events: Delete
     #: How many rows a purge would delete: seen records, then leases never completed.
     expired_counts: Any
+
+    # -- the two multi-row steps --------------------------------------------------------------
+
+    async def complete(
+        self, conn: AsyncConnection, values: dict[str, Any], *, claim: bool
+    ) -> list[Row[Any]] | None:
+        """Mark done, forget the own parked row, and (with ``claim``) claim the followers.
+
+        Returns the claimed followers' rows (``event``, ``occurred``, ``follower_id``), or None
+        if ``owner`` no longer holds the lease (then nothing was written).
+        """
+        if self.single_statement_steps:
+            statement = self.complete_and_claim if claim else self.complete_only
+            rows = (await conn.execute(statement, values)).all()
+            if not rows:
+                return None
+            has_followers = bool(rows[0].has_followers)
+            claimed = [row for row in rows if row.follower_id is not None]
+        else:
+            done = (await conn.execute(self.mark_done, values)).first()
+            if done is None:
+                return None
+            await conn.execute(self.forget_follower, values)
+            has_followers = bool(done.has_followers)
+            claimed = []
+        if claim and has_followers:
+            # A fresh statement: it sees followers whose park committed after the snapshot
+            # of the statement above was taken (see the module docstring).
+            again = (await conn.execute(self.claim_followers, values)).all()
+            seen = {row.follower_id for row in claimed}
+            claimed += [row for row in again if row.follower_id not in seen]
+        return claimed
+
+    async def park(
+        self, conn: AsyncConnection, values: dict[str, Any], *, unless_leader_seen: bool
+    ) -> bool:
+        """Store a follower and flag its leader; False (and nothing parked) if the leader is seen.
+
+        With ``unless_leader_seen``, the follower's own lease (``owner``) is ended in the same
+        step. Without it, the follower is stored whatever the leader's state.
+        """
+        if self.single_statement_steps:
+            statement = self.park_if_leader_unseen if unless_leader_seen else self.park_always
+            leader_seen_until = (await conn.execute(statement, values)).scalar_one_or_none()
+        else:
+            leader_seen_until = (await conn.execute(self.flag_leader, values)).scalar_one()
+        if unless_leader_seen and leader_seen_until and leader_seen_until > values["p_now"]:
+            return False
+        if not self.single_statement_steps:
+            await conn.execute(self.store_follower, values)
+            if unless_leader_seen:
+                await conn.execute(self.release, values)
+        return True
 
 
 @cache
 def queries_for(dialect_name: str) -> Queries:
     dialect = dialect_for(dialect_name)
     key = [events.c.scope, events.c.event_id]
+    this_event = and_(events.c.scope == _scope, events.c.event_id == _event_id)
+    in_scope = followers.c.scope == _scope
 
     acquire_ins = dialect.insert(events).values(
         scope=_scope,
@@ -138,7 +236,7 @@ def queries_for(dialect_name: str) -> Queries:
         _leader_mark(events.c.lease_until.key).label("leader_lease_until"),
     )
 
-    complete_ins = dialect.insert(events).values(
+    done_ins = dialect.insert(events).values(
         scope=_scope,
         event_id=_event_id,
         owner=_owner,
@@ -146,17 +244,16 @@ def queries_for(dialect_name: str) -> Queries:
         seen_until=_p("seen_until"),
         expires_at=_p("seen_until"),
     )
-    complete = complete_ins.on_conflict_do_update(
+    mark_done = done_ins.on_conflict_do_update(
         index_elements=key,
         set_={
             "lease_until": None,
-            "seen_until": complete_ins.excluded.seen_until,
-            "expires_at": complete_ins.excluded.expires_at,
+            "seen_until": done_ins.excluded.seen_until,
+            "expires_at": done_ins.excluded.expires_at,
         },
-        where=events.c.owner == complete_ins.excluded.owner,
-    ).returning(events.c.event_id)
+        where=events.c.owner == done_ins.excluded.owner,
+    ).returning(events.c.has_followers)
 
-    this_event = and_(events.c.scope == _scope, events.c.event_id == _event_id)
     # Without a lease the row lives as long as its seen mark, or is purgeable at once.
     released = {
         "lease_until": None,
@@ -164,16 +261,11 @@ def queries_for(dialect_name: str) -> Queries:
     }
     release = sa_update(events).where(this_event, events.c.owner == _owner).values(released)
     release_any = sa_update(events).where(this_event).values(released)
-    renewed_until = _p("lease_until")
+    renewed_until = _p("lease_until", type_=UtcDateTime())
     renew = (
         sa_update(events)
         .where(this_event, events.c.owner == _owner, events.c.lease_until.is_not(None))
-        .values(
-            lease_until=renewed_until,
-            expires_at=case(
-                (events.c.seen_until > renewed_until, events.c.seen_until), else_=renewed_until
-            ),
-        )
+        .values(lease_until=renewed_until, expires_at=_later(events.c.seen_until, renewed_until))
     )
 
     seen_ins = dialect.insert(events).values(
@@ -188,52 +280,76 @@ def queries_for(dialect_name: str) -> Queries:
         index_elements=key,
         set_={
             "seen_until": seen_ins.excluded.seen_until,
-            "expires_at": case(
-                (events.c.lease_until > seen_ins.excluded.seen_until, events.c.lease_until),
-                else_=seen_ins.excluded.seen_until,
-            ),
+            "expires_at": _later(events.c.lease_until, seen_ins.excluded.seen_until),
         },
     )
 
     marks = select(events.c.seen_until, events.c.lease_until).where(this_event)
 
-    park_ins = dialect.insert(followers).values(
+    # The leader's row holds the flag for as long as its followers may wait for it.
+    hold_until = _p("hold_until", type_=UtcDateTime())
+    flag_ins = dialect.insert(events).values(
         scope=_scope,
-        follower_id=_event_id,
-        leader_id=_p("leader_id"),
-        occurred=_p("occurred"),
-        received=_p("received"),
-        event=_p("event"),
-        claimed_by=None,
-        claimed_until=None,
+        event_id=_leader_id,
+        owner=None,
+        lease_until=None,
+        seen_until=None,
+        expires_at=hold_until,
+        has_followers=True,
     )
-    park = park_ins.on_conflict_do_update(
-        index_elements=[followers.c.scope, followers.c.follower_id],
-        set_={
-            "leader_id": park_ins.excluded.leader_id,
-            "occurred": park_ins.excluded.occurred,
-            "received": park_ins.excluded.received,
-            "event": park_ins.excluded.event,
-            "claimed_by": None,
-            "claimed_until": None,
-        },
+    flag_leader = flag_ins.on_conflict_do_update(
+        index_elements=key,
+        set_={"has_followers": True, "expires_at": _later(events.c.expires_at, hold_until)},
+    ).returning(events.c.seen_until)
+
+    follower_values = {
+        "scope": _scope,
+        "follower_id": _event_id,
+        "leader_id": _leader_id,
+        "occurred": _p("occurred", type_=UtcDateTime()),
+        "received": _p("received", type_=UtcDateTime()),
+        "event": _p("event"),
+        "claimed_by": None,
+        "claimed_until": None,
+    }
+    store_ins = dialect.insert(followers).values(follower_values)
+    refresh_follower = {
+        "leader_id": store_ins.excluded.leader_id,
+        "occurred": store_ins.excluded.occurred,
+        "received": store_ins.excluded.received,
+        "event": store_ins.excluded.event,
+        "claimed_by": None,
+        "claimed_until": None,
+    }
+    store_follower = store_ins.on_conflict_do_update(
+        index_elements=[followers.c.scope, followers.c.follower_id], set_=refresh_follower
     )
 
-    in_scope = followers.c.scope == _scope
     claim_followers = (
         sa_update(followers)
         .where(
             in_scope,
-            followers.c.leader_id == _p("leader_id"),
+            followers.c.leader_id == _leader_id,
             or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner),
         )
-        .values(claimed_by=_owner, claimed_until=_p("claimed_until"))
+        .values(claimed_by=_owner, claimed_until=_p("claimed_until", type_=UtcDateTime()))
         .returning(followers.c.event, followers.c.occurred, followers.c.follower_id)
     )
     forget_follower = delete(followers).where(in_scope, followers.c.follower_id == _event_id)
+
+    if dialect.single_statement_steps:
+        complete_and_claim, complete_only = _completion_statements(
+            mark_done, forget_follower, claim_followers
+        )
+        park_if_leader_unseen, park_always = _park_statements(
+            dialect, flag_leader, follower_values, refresh_follower, release
+        )
+    else:
+        complete_and_claim = complete_only = park_if_leader_unseen = park_always = None
+
     followers_of = (
         select(followers.c.event)
-        .where(in_scope, followers.c.leader_id == _p("leader_id"))
+        .where(in_scope, followers.c.leader_id == _leader_id)
         .order_by(followers.c.occurred, followers.c.follower_id)
     )
     followers_by_id = (
@@ -241,10 +357,25 @@ def queries_for(dialect_name: str) -> Queries:
         .where(in_scope, followers.c.follower_id.in_(_p("ids", expanding=True)))
         .order_by(followers.c.occurred, followers.c.follower_id)
     )
-    # Lost: never claimed and received before the lookback horizon, or claimed by a leader whose
-    # claim expired (that leader crashed or its handler for this follower failed).
+
+    # Lost: never claimed and received before the lookback horizon; or claimed by a leader
+    # whose claim expired (that worker died, or the handler for this follower failed); or never
+    # claimed although its leader was marked seen at least a claim timeout ago (a completion
+    # that died between its two statements, or a leader marked seen by record_event_as_seen).
+    leader = events.alias("leader")
+    leader_done_a_while_ago = exists().where(
+        leader.c.scope == followers.c.scope,
+        leader.c.event_id == followers.c.leader_id,
+        leader.c.seen_until > _now,
+        leader.c.seen_until <= _p("seen_cutoff", type_=UtcDateTime()),
+    )
     lost = or_(
-        and_(followers.c.claimed_until.is_(None), followers.c.received <= _p("horizon")),
+        and_(
+            followers.c.claimed_until.is_(None),
+            or_(
+                followers.c.received <= _p("horizon", type_=UtcDateTime()), leader_done_a_while_ago
+            ),
+        ),
         and_(followers.c.claimed_until.is_not(None), followers.c.claimed_until <= _now),
     )
     take_lost = (
@@ -259,21 +390,33 @@ def queries_for(dialect_name: str) -> Queries:
     )
 
     expired = events.c.expires_at <= _now
+    still_awaited = and_(
+        events.c.has_followers,
+        exists().where(
+            followers.c.scope == events.c.scope, followers.c.leader_id == events.c.event_id
+        ),
+    )
+    purgeable = and_(expired, ~still_awaited)
     expired_counts = select(
         func.count().filter(events.c.seen_until.is_not(None)).label("seen"),
         func.count().filter(events.c.seen_until.is_(None)).label("leases"),
-    ).where(expired)
+    ).where(purgeable)
 
     return Queries(
-        expired_counts=expired_counts,
+        single_statement_steps=dialect.single_statement_steps,
         acquire=acquire,
-        complete=complete,
+        mark_done=mark_done,
+        complete_and_claim=complete_and_claim,
+        complete_only=complete_only,
         release=release,
         release_any=release_any,
         renew=renew,
         mark_seen=mark_seen,
         marks=marks,
-        park=park,
+        flag_leader=flag_leader,
+        store_follower=store_follower,
+        park_if_leader_unseen=park_if_leader_unseen,
+        park_always=park_always,
         claim_followers=claim_followers,
         forget_follower=forget_follower,
         followers_of=followers_of,
@@ -284,16 +427,67 @@ def queries_for(dialect_name: str) -> Queries:
         clear_followers=delete(followers).where(in_scope),
         clear_all_events=delete(events),
         clear_all_followers=delete(followers),
-        # The expiry test stands in the DELETE's own WHERE too: under Postgres's READ
+        # The purge test stands in the DELETE's own WHERE too: under Postgres's READ
         # COMMITTED, a row that was re-leased while the DELETE waited for its lock is
         # re-checked against this WHERE (not the subquery's), and so is kept.
         purge_events=delete(events).where(
-            expired,
+            purgeable,
             tuple_(events.c.scope, events.c.event_id).in_(
-                select(events.c.scope, events.c.event_id).where(expired).limit(_p("limit"))
+                select(events.c.scope, events.c.event_id).where(purgeable).limit(_p("limit"))
             ),
         ),
+        expired_counts=expired_counts,
     )
+
+
+def _completion_statements(mark_done: Any, forget: Any, claim: Any) -> tuple[Any, Any]:
+    """Completion as one statement: data-modifying CTEs, each acting only if ``done`` did."""
+    done = mark_done.cte("done")
+    did = exists(select(done.c.has_followers))
+    forgot = forget.where(did).cte("forgot")
+    claimed = claim.where(did).cte("claimed")
+    complete_and_claim = (
+        select(done.c.has_followers, claimed.c.event, claimed.c.occurred, claimed.c.follower_id)
+        .select_from(done.outerjoin(claimed, true()))
+        .add_cte(forgot)
+    )
+    complete_only = select(
+        done.c.has_followers,
+        literal(None).label("event"),
+        literal(None).label("occurred"),
+        literal(None, Uuid()).label("follower_id"),
+    ).add_cte(forgot)
+    return complete_and_claim, complete_only
+
+
+def _park_statements(
+    dialect: Any, flag_leader: Any, values: dict[str, Any], refresh: dict[str, Any], release: Any
+) -> tuple[Any, Any]:
+    """Parking as one statement: flag the leader, store the follower, end its own lease."""
+    leader = flag_leader.cte("leader")
+    leader_seen = exists(select(leader.c.seen_until).where(leader.c.seen_until > _now))
+    columns = list(values)
+    stored_when_unseen = dialect.insert(followers).from_select(
+        columns, select(*(values[c] for c in columns)).where(~leader_seen)
+    )
+    stored_always = dialect.insert(followers).from_select(
+        columns, select(*(values[c] for c in columns)).where(exists(select(leader.c.seen_until)))
+    )
+    key = [followers.c.scope, followers.c.follower_id]
+
+    def upsert(insert: Any) -> Any:
+        excluded = insert.excluded
+        return insert.on_conflict_do_update(
+            index_elements=key, set_={name: getattr(excluded, name) for name in refresh}
+        ).cte()
+
+    park_if_unseen = (
+        select(leader.c.seen_until)
+        .add_cte(upsert(stored_when_unseen))
+        .add_cte(release.where(~leader_seen).cte("released"))
+    )
+    park_always = select(leader.c.seen_until).add_cte(upsert(stored_always))
+    return park_if_unseen, park_always
 
 
 def scope_counts(now: Any, horizon: Any) -> tuple[Select[Any], Select[Any]]:

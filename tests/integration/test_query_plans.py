@@ -41,8 +41,41 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         ),
         "read an event's marks": (q.marks, params(scope=scope, event_id=event_id)),
         "complete an event": (
-            q.complete,
-            params(scope=scope, event_id=event_id, owner=owner, seen_until=NOW),
+            q.complete_and_claim if q.single_statement_steps else q.mark_done,
+            params(
+                scope=scope,
+                event_id=event_id,
+                owner=owner,
+                seen_until=NOW,
+                now=NOW,
+                leader_id=event_id,
+                claimed_until=NOW,
+            ),
+        ),
+        "park a follower": (
+            q.park_if_leader_unseen if q.single_statement_steps else q.flag_leader,
+            params(
+                scope=scope,
+                event_id=event_id,
+                owner=owner,
+                now=NOW,
+                leader_id=uuid4(),
+                hold_until=NOW,
+                occurred=NOW,
+                received=NOW,
+                event="{}",
+            ),
+        ),
+        "store a follower": (
+            q.store_follower,
+            params(
+                scope=scope,
+                event_id=event_id,
+                leader_id=uuid4(),
+                occurred=NOW,
+                received=NOW,
+                event="{}",
+            ),
         ),
         "forget the completed event's own parked row": (
             q.forget_follower,
@@ -57,8 +90,14 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
             params(scope=scope, leader_id=event_id),
         ),
         "followers by id": (q.followers_by_id, params(scope=scope, ids=[uuid4(), uuid4()])),
-        "lost-follower sweep": (q.take_lost, params(scope=scope, now=NOW, horizon=NOW)),
-        "lost-follower peek": (q.peek_lost, params(scope=scope, now=NOW, horizon=NOW)),
+        "lost-follower sweep": (
+            q.take_lost,
+            params(scope=scope, now=NOW, horizon=NOW, seen_cutoff=NOW),
+        ),
+        "lost-follower peek": (
+            q.peek_lost,
+            params(scope=scope, now=NOW, horizon=NOW, seen_cutoff=NOW),
+        ),
         "purge": (q.purge_events, params(now=NOW, limit=100)),
         "release a lease": (
             q.release,

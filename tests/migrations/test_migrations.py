@@ -234,4 +234,5 @@ def test_scripts_are_found_and_head_is_known() -> None:
     location = Path(migration.script_location())
     assert (location / "env.py").is_file()
     assert (location / "versions" / "0001_initial.py").is_file()
-    assert migration.head_revision() == "0001"
+    assert (location / "versions" / "0002_has_followers.py").is_file()
+    assert migration.head_revision() == "0002"
