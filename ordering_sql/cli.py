@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 from ordering_sql import migration
 from ordering_sql.admin import ScopeStatus, peek_lost, purge, status
@@ -26,6 +26,9 @@ from ordering_sql.models import ReceivedEvent, utc_now
 from ordering_sql.settings import DEFAULT_DATABASE_URL, ENV_DATABASE_URL, Settings, mask_url
 from ordering_sql.store import Store
 from ordering_sql.streaming import MalformedLine, order_lines
+
+if TYPE_CHECKING:
+    from ordering_sql.bench import BenchReport
 
 __all__ = ["cli", "main"]
 
@@ -142,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--workers", type=_positive_int, default=4, help="workers, >= 2 (4)")
     demo_p.add_argument("--seed", type=int, default=7, help="random seed of the stream (7)")
     demo_p.set_defaults(func=_demo)
+
+    bench_p = commands.add_parser(
+        "bench", help="measure workloads W1-W5 against the floors of the same database"
+    )
+    bench_p.add_argument(
+        "--database-url",
+        metavar="URL",
+        action="append",
+        default=None,
+        help="a database to measure; repeat for several (default: SQLite in a temporary file)",
+    )
+    bench_p.add_argument("--events", type=_positive_int, default=5000, help="events (5000)")
+    bench_p.add_argument("--repeat", type=_positive_int, default=3, help="runs per workload (3)")
+    bench_p.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    bench_p.add_argument(
+        "--workloads", default="W1,W2,W3,W5", help="comma-separated subset (W1,W2,W3,W5)"
+    )
+    bench_p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench_p.add_argument(
+        "--plot", metavar="FILE.png", help="draw events/s per workload (needs matplotlib)"
+    )
+    bench_p.set_defaults(func=_bench)
     return parser
 
 
@@ -314,6 +339,56 @@ def _print_demo(report: DemoReport) -> None:
     print("\n".join(lines))
     for example in c.examples:
         print(f"  ! {example}")
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from ordering_sql.bench import WORKLOADS, plot, run_bench
+
+    workloads = tuple(w.strip().upper() for w in args.workloads.split(",") if w.strip())
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        msg = f"Unknown workloads {unknown!r}; choose from {', '.join(WORKLOADS)}."
+        raise ConfigurationError(msg)
+    with tempfile.TemporaryDirectory(prefix="ordering-sql-bench-db-") as tmp:
+        urls = args.database_url or [f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"]
+        report = await run_bench(
+            urls,
+            events=args.events,
+            repeat=args.repeat,
+            seed=args.seed,
+            workloads=workloads,
+            on_step=lambda step: print(f"bench: {step}", file=sys.stderr),
+        )
+    _print_bench(report)
+    if args.json:
+        Path(args.json).write_text(report.model_dump_json(indent=2))  # noqa: ASYNC240 - once
+    if args.plot:
+        plot(report, Path(args.plot))
+    return 0 if all(r.correct for r in report.results) else EXIT_FAILURE
+
+
+def _print_bench(report: BenchReport) -> None:
+    for backend, f in report.floors.items():
+        print(
+            f"{backend} floors (per s): raw INSERT+COMMIT {f.raw_insert_commit:,.0f}, raw SELECT 1 "
+            f"{f.raw_select_1:,.0f}, SQLAlchemy INSERT+COMMIT {f.sqlalchemy_insert_commit:,.0f}, "
+            f"SQLAlchemy SELECT 1 {f.sqlalchemy_select_1:,.0f}; two-statement floor "
+            f"{f.two_statement:,.0f} events/s"
+        )
+    header = f"{'workload':8} {'backend':10} {'events/s':>9} {'x floor':>8} {'p50 ms':>7} "
+    print(header + f"{'p99 ms':>7} {'stmts/ev':>8}  check")
+    for r in report.results:
+        p50 = f"{r.p50_s * 1000:.2f}" if r.p50_s is not None else "-"
+        p99 = f"{r.p99_s * 1000:.2f}" if r.p99_s is not None else "-"
+        stmts = f"{r.statements_per_event:.2f}" if r.statements_per_event is not None else "-"
+        verdict = "ok" if r.correct else "FAILED: " + "; ".join(r.problems)
+        print(
+            f"{r.workload:8} {r.backend:10} {r.events_per_s:9,.0f} {r.ratio_to_floor:8.2f} "
+            f"{p50:>7} {p99:>7} {stmts:>8}  {verdict}"
+        )
 
 
 def _age(age: timedelta | None) -> str:

@@ -209,8 +209,13 @@ async def run_worker(
     work_seconds: float = 0.0,
     retry_delay: float = 0.05,
     on_handled: Callable[[], None] | None = None,
+    latencies: list[float] | None = None,
 ) -> Tally:
-    """Consume ``queue`` until it is empty, the way a service consumes its message queue."""
+    """Consume ``queue`` until it is empty, the way a service consumes its message queue.
+
+    ``latencies``, if given, receives the seconds spent on each delivery (taking it off the
+    queue to acknowledging it, replays of released followers included).
+    """
     tally = Tally()
 
     async def handler(event: ReceivedEvent, depth: int = 0) -> None:
@@ -225,6 +230,7 @@ async def run_worker(
                 on_handled()
 
     while (event := await queue.get()) is not None:
+        began = time.perf_counter()
         tally.delivered += 1
         if await ordering.event_has_been_seen(event):
             tally.duplicates_skipped += 1
@@ -239,6 +245,8 @@ async def run_worker(
                 queue.put_later(event, retry_delay)
                 continue
         log.write("ack", event.id)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - began)
     return tally
 
 

@@ -1,0 +1,416 @@
+"""``ordering-sql bench``: workloads W1-W5 next to the floors of the same database, in one run.
+
+Workloads (``--events`` events, 5,000 by default, in chains of 5):
+
+* W1: delivered in order, one worker;
+* W2: each chain's delivery shuffled (seeded), one worker;
+* W3: W2 consumed by 8 concurrent workers from one queue;
+* W5: 4 worker processes sharing one stream (round-robin partitions, as a broker would hand
+  them out), with 20% duplicate deliveries.
+
+(W4, the batch API, comes with that API.) Each workload runs ``--repeat`` times (3) in fresh
+scopes and reports the median events/s, p50/p99 seconds per delivery, statements (round trips on
+Postgres) per event, and a correctness check: every event handled exactly once, in causal
+order, nothing left parked. The floors are measured on the same database in the same run: a
+single-row INSERT + COMMIT and a ``SELECT 1``, each through the raw driver and through
+SQLAlchemy; each workload is also shown as a ratio to the two-statement floor (SQLAlchemy's
+INSERT + COMMIT rate halved), the least an in-order event can cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import aiosqlite
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from ordering_sql.admin import status
+from ordering_sql.engine import CausalOrdering
+from ordering_sql.migration import migrate
+from ordering_sql.models import ReceivedEvent
+from ordering_sql.settings import mask_url, normalize_url
+from ordering_sql.simulation import (
+    DeliveryQueue,
+    HandledLog,
+    Stream,
+    WorkerSpec,
+    check,
+    read_log,
+    run_worker,
+    write_deliveries,
+)
+
+__all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
+
+CHAIN = 5
+WORKLOADS = ("W1", "W2", "W3", "W5")
+
+
+class Floors(BaseModel):
+    """Operations per second on the same database, one connection, sequential."""
+
+    model_config = ConfigDict(frozen=True)
+
+    raw_insert_commit: float
+    raw_select_1: float
+    sqlalchemy_insert_commit: float
+    sqlalchemy_select_1: float
+
+    @property
+    def two_statement(self) -> float:
+        """The least an in-order event costs: two committed statements through SQLAlchemy."""
+        return self.sqlalchemy_insert_commit / 2
+
+
+class WorkloadResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    workload: str
+    backend: str
+    events: int
+    runs: list[float]
+    events_per_s: float
+    p50_s: float | None
+    p99_s: float | None
+    statements_per_event: float | None
+    ratio_to_floor: float
+    correct: bool
+    problems: list[str]
+
+
+class BenchReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    floors: dict[str, Floors]
+    results: list[WorkloadResult]
+
+
+def chains(events: int, *, shuffled: bool, seed: int, duplicates: float = 0.0) -> Stream:
+    """``events`` events in chains of 5; with ``shuffled`` each chain's delivery is jumbled."""
+    rng = random.Random(seed)
+    start = datetime.now(UTC)
+    made: list[ReceivedEvent] = []
+    deliveries: list[ReceivedEvent] = []
+    for c in range(max(1, events // CHAIN)):
+        chain: list[ReceivedEvent] = []
+        for i in range(CHAIN):
+            chain.append(
+                ReceivedEvent(
+                    occurred=start + timedelta(microseconds=len(made)),
+                    event=f"bench.step.{i}",
+                    resource={"prefect.resource.id": f"bench.chain.{c}"},
+                    id=UUID(int=rng.getrandbits(128), version=4),
+                    follows=chain[-1].id if chain else None,
+                    received=start,
+                )
+            )
+            made.append(chain[-1])
+        order = list(chain)
+        if shuffled:
+            rng.shuffle(order)
+        deliveries.extend(order)
+    for _ in range(int(len(made) * duplicates)):
+        deliveries.insert(rng.randrange(len(deliveries) + 1), rng.choice(made))
+    return Stream(events=made, deliveries=deliveries)
+
+
+@contextlib.contextmanager
+def _counting_statements(engine: Any) -> Iterator[list[int]]:
+    """Counts statements sent, plus BEGIN and COMMIT of explicit transactions."""
+    count = [0]
+
+    def before(conn: Any, *_: Any) -> None:
+        count[0] += 1
+
+    def on_commit(conn: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            count[0] += 2 if conn.dialect.name != "sqlite" else 1
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "commit", on_commit)
+    try:
+        yield count
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "commit", on_commit)
+
+
+async def _in_process(
+    url: str, stream: Stream, workers: int
+) -> tuple[float, list[float], int, list[dict[str, Any]], str]:
+    scope = f"bench-{time.time_ns()}"
+    ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
+    try:
+        await ordering.check()
+        store = await ordering._db()
+        queue = DeliveryQueue(stream.deliveries)
+        logs = [HandledLog(None, f"w{i}") for i in range(workers)]
+        latencies: list[float] = []
+        with _counting_statements(store.engine.sync_engine) as count:
+            began = time.perf_counter()
+            await asyncio.gather(
+                *(run_worker(ordering, queue, log, latencies=latencies) for log in logs)
+            )
+            seconds = time.perf_counter() - began
+        records = [r for log in logs for r in log.records]
+        return seconds, latencies, count[0], records, scope
+    finally:
+        await ordering.close()
+
+
+async def _processes(
+    url: str, stream: Stream, workers: int, folder: Path
+) -> tuple[float, list[float], int | None, list[dict[str, Any]], str]:
+    scope = f"bench-{time.time_ns()}"
+    specs = []
+    for i in range(workers):
+        deliveries = folder / f"{scope}-{i}.jsonl"
+        write_deliveries(deliveries, stream.deliveries[i::workers])
+        spec = WorkerSpec(
+            database_url=url,
+            scope=scope,
+            deliveries=deliveries,
+            log=folder / f"{scope}-{i}.log",
+            worker=f"p{i}",
+        )
+        path = folder / f"{scope}-{i}.json"
+        path.write_text(spec.model_dump_json())
+        specs.append((spec, path))
+    began = time.perf_counter()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ordering_sql.simulation",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for _, path in specs
+    ]
+    for proc in procs:
+        await asyncio.wait_for(proc.wait(), timeout=600)
+    seconds = time.perf_counter() - began
+    records = [r for spec, _ in specs for r in read_log(spec.log)]
+    return seconds, [], None, records, scope
+
+
+async def _leftovers_then_clear(url: str, scope: str) -> int:
+    """Parked followers and live leases left in the run's scope; the scope is then cleared."""
+    ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
+    try:
+        store = await ordering._db()
+        found = await status(store, now=datetime.now(UTC), scope=scope)
+        await ordering.clear()
+        return sum(s.parked + s.processing for s in found)
+    finally:
+        await ordering.close()
+
+
+async def _measure(fn: Callable[[], Awaitable[None]], *, seconds: float = 1.0) -> float:
+    """Calls per second of ``fn`` over about ``seconds``."""
+    done, began = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - began) < seconds or done < 50:
+        await fn()
+        done += 1
+    return done / elapsed
+
+
+async def measure_floors(url: str) -> Floors:
+    parsed = normalize_url(url)
+    engine = create_async_engine(parsed)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)"))
+            await conn.commit()
+
+            async def sa_insert() -> None:
+                await conn.execute(text("INSERT INTO ordering_bench_floor VALUES (1)"))
+                await conn.commit()
+
+            async def sa_select() -> None:
+                await conn.execute(text("SELECT 1"))
+
+            sa_insert_rate = await _measure(sa_insert)
+            await conn.rollback()
+            sa_select_rate = await _measure(sa_select)
+    finally:
+        await engine.dispose()
+
+    if parsed.get_backend_name() == "sqlite":
+        raw = await aiosqlite.connect(parsed.database or ":memory:")
+        try:
+            await raw.execute("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)")
+
+            async def raw_insert() -> None:
+                await raw.execute("INSERT INTO ordering_bench_floor VALUES (1)")
+                await raw.commit()
+
+            async def raw_select() -> None:
+                await (await raw.execute("SELECT 1")).fetchall()
+
+            raw_insert_rate = await _measure(raw_insert)
+            raw_select_rate = await _measure(raw_select)
+        finally:
+            await raw.close()
+    else:
+        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+        pg = await asyncpg.connect(dsn)
+        try:
+            await pg.execute("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)")
+
+            async def pg_insert() -> None:
+                await pg.execute("INSERT INTO ordering_bench_floor VALUES (1)")
+
+            async def pg_select() -> None:
+                await pg.fetchval("SELECT 1")
+
+            raw_insert_rate = await _measure(pg_insert)
+            raw_select_rate = await _measure(pg_select)
+        finally:
+            await pg.close()
+    return Floors(
+        raw_insert_commit=raw_insert_rate,
+        raw_select_1=raw_select_rate,
+        sqlalchemy_insert_commit=sa_insert_rate,
+        sqlalchemy_select_1=sa_select_rate,
+    )
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_workload(
+    name: str, url: str, *, events: int, repeat: int, seed: int, floors: Floors, folder: Path
+) -> WorkloadResult:
+    runs: list[float] = []
+    latencies: list[float] = []
+    statements: list[int] = []
+    problems: list[str] = []
+    for r in range(repeat):
+        stream = chains(
+            events,
+            shuffled=name != "W1",
+            seed=seed + r,
+            duplicates=0.2 if name == "W5" else 0.0,
+        )
+        if name == "W5":
+            seconds, lat, count, records, scope = await _processes(url, stream, 4, folder)
+        else:
+            workers = 8 if name == "W3" else 1
+            seconds, lat, count, records, scope = await _in_process(url, stream, workers)
+        runs.append(len(stream.events) / seconds)
+        latencies += lat
+        if count is not None:
+            statements.append(count)
+        verdict = check(stream, records)
+        left = await _leftovers_then_clear(url, scope)
+        if not verdict.ok or verdict.handled_twice or left:
+            problems.append(
+                f"run {r + 1}: lost {verdict.lost}, twice {verdict.handled_twice}, "
+                f"order violations {verdict.order_violations}, left parked or leased {left}"
+            )
+    rate = statistics.median(runs)
+    backend = normalize_url(url).get_backend_name()
+    return WorkloadResult(
+        workload=name,
+        backend=backend,
+        events=events,
+        runs=runs,
+        events_per_s=rate,
+        p50_s=_percentile(latencies, 0.50),
+        p99_s=_percentile(latencies, 0.99),
+        statements_per_event=(statistics.median(statements) / events) if statements else None,
+        ratio_to_floor=rate / floors.two_statement,
+        correct=not problems,
+        problems=problems,
+    )
+
+
+async def run_bench(
+    urls: list[str],
+    *,
+    events: int = 5000,
+    repeat: int = 3,
+    seed: int = 1,
+    workloads: tuple[str, ...] = WORKLOADS,
+    on_step: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Run the floors and ``workloads`` on every database of ``urls``."""
+    floors: dict[str, Floors] = {}
+    results: list[WorkloadResult] = []
+    with tempfile.TemporaryDirectory(prefix="ordering-sql-bench-") as tmp:
+        folder = Path(tmp)
+        for url in urls:
+            backend = normalize_url(url).get_backend_name()
+            await migrate(url)
+            if on_step:
+                on_step(f"{backend}: floors on {mask_url(url)}")
+            floor = floors[backend] = await measure_floors(url)
+            for name in workloads:
+                if name == "W5" and backend == "sqlite":
+                    continue  # W5 is a Postgres workload: processes sharing a server
+                if on_step:
+                    on_step(f"{backend}: {name}")
+                results.append(
+                    await run_workload(
+                        name,
+                        url,
+                        events=events,
+                        repeat=repeat,
+                        seed=seed,
+                        floors=floor,
+                        folder=folder,
+                    )
+                )
+    return BenchReport(floors=floors, results=results)
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    """Bar chart of events/s per workload and backend (needs matplotlib: the bench extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({r.backend for r in report.results})
+    names = [w for w in WORKLOADS if any(r.workload == w for r in report.results)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(backends))
+    for b, backend in enumerate(backends):
+        rates = [
+            next(
+                (
+                    r.events_per_s
+                    for r in report.results
+                    if r.workload == w and r.backend == backend
+                ),
+                0.0,
+            )
+            for w in names
+        ]
+        ax.bar([i + b * width for i in range(len(names))], rates, width, label=backend)
+    ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("events/s (median of runs)")
+    ax.set_title("ordering-sql bench")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
