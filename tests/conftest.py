@@ -106,6 +106,18 @@ async def postgres_url(postgres_admin_url: str, postgres_template: str) -> Async
 
 
 @pytest.fixture
+async def empty_postgres_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A Postgres database with no ordering-sql tables at all; dropped afterwards."""
+    name = f"ordering_empty_{uuid.uuid4().hex[:12]}"
+    await _admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(postgres_admin_url, name)
+    finally:
+        await dispose_engines()
+        await _admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 async def sqlite_url(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[str]:
     path = tmp_path / "ordering.db"
     shutil.copyfile(sqlite_template, path)

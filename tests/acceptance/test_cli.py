@@ -8,7 +8,6 @@ import os
 import sqlite3
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,9 +16,8 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from ordering_sql import dispose_engines
 from ordering_sql.migration import head_revision
-from tests.conftest import OrderingFactory, _admin, _with_database
+from tests.conftest import OrderingFactory
 from tests.support import Clock, make_event
 
 TIMEOUT_S = 60
@@ -97,17 +95,6 @@ def cli(request: pytest.FixtureRequest, workdir: Path) -> Cli:
 @pytest.fixture
 def module_cli(workdir: Path) -> Cli:
     return Cli(ENTRY_POINTS["module"], workdir, _environment())
-
-
-@pytest.fixture
-async def empty_postgres_url(postgres_admin_url: str) -> AsyncIterator[str]:
-    name = f"ordering_cli_{uuid.uuid4().hex[:12]}"
-    await _admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(postgres_admin_url, name)
-    finally:
-        await dispose_engines()
-        await _admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def sqlite_revision(path: Path) -> str | None:

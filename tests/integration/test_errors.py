@@ -27,7 +27,7 @@ from ordering_sql import (
     migrate,
 )
 from ordering_sql.migration import current, head_revision
-from tests.conftest import OrderingFactory, _admin, _with_database
+from tests.conftest import OrderingFactory, _with_database
 from tests.support import make_event
 
 SECRET = "s3cr3t-pw"
@@ -46,18 +46,6 @@ async def ordering_cleanup() -> AsyncIterator[list[CausalOrdering[Any]]]:
     for ordering in made:
         await ordering.close()
     await dispose_engines()
-
-
-@pytest.fixture
-async def empty_postgres_url(postgres_admin_url: str) -> AsyncIterator[str]:
-    """A Postgres database with no ordering-sql tables; dropped afterwards."""
-    name = f"ordering_empty_{uuid.uuid4().hex[:12]}"
-    await _admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(postgres_admin_url, name)
-    finally:
-        await dispose_engines()
-        await _admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _tables(url: str) -> set[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ordering_sql import CausalOrdering, dispose_engines, migrate, migration
-from tests.conftest import BACKENDS, _admin, _with_database
+from tests.conftest import BACKENDS
 from tests.support import make_event
 
 OUR_TABLES = {"ordering_events", "ordering_followers", "ordering_sql_version"}
@@ -26,17 +25,6 @@ OUR_TABLES = {"ordering_events", "ordering_followers", "ordering_sql_version"}
 async def empty_sqlite_url(tmp_path: Path) -> AsyncIterator[str]:
     yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
     await dispose_engines()
-
-
-@pytest.fixture
-async def empty_postgres_url(postgres_admin_url: str) -> AsyncIterator[str]:
-    name = f"ordering_mig_{uuid.uuid4().hex[:12]}"
-    await _admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(postgres_admin_url, name)
-    finally:
-        await dispose_engines()
-        await _admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=BACKENDS)
