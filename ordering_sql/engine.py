@@ -8,13 +8,14 @@ reference engine loses or duplicates events under concurrency are closed:
   so a duplicate delivered just after another worker finished cannot run again.
 * A lease carries an owner token; completing or releasing checks it.
 * Completing a leader marks it seen, claims its parked followers and ends its lease in one
-  transaction, and parking a follower is serialised against that (``_park``), so a follower can
-  never park itself just after its leader collected the followers.
+  atomic step, and parking a follower is ordered against that by the leader's row lock
+  (``_park``), so a follower can never park itself just after its leader collected the followers.
+* A lease is renewed while its handler runs, so a slow handler is not taken over.
 * A follower stays stored until its own handler succeeded; a claimed follower whose handler
   failed or whose worker died is handed back by ``get_lost_followers`` once the claim expires.
 
-This module knows nothing of SQL dialects: statements come from ``store._queries``, the one
-dialect-specific step (serialising writers on a key) from ``store._dialects``.
+This module knows nothing of SQL dialects: statements and the two multi-row steps (complete,
+park) come from ``store._queries``; units of work and retries from ``store``.
 """
 
 from __future__ import annotations
