@@ -556,7 +556,8 @@ class CausalOrdering(Generic[E]):
         marks = marks or await self._marks(leader)
         if marks.seen:
             return
-        if marks.processing and await self._await_leader_in_flight(event, leader):
+        waits = self.durations.in_flight_event_timeout > timedelta(0)  # 0: park at once
+        if marks.processing and waits and await self._await_leader_in_flight(event, leader):
             return
         if not await self._park(event, token):
             return  # the leader completed while we looked: go ahead

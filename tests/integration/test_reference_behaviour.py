@@ -329,3 +329,17 @@ async def test_failed_body_is_not_marked_seen(ordering: CausalOrdering[Any]) -> 
     async with ordering.event_is_processing(event):
         pass
     assert await ordering.event_has_been_seen(event)
+
+
+async def test_no_in_flight_wait_parks_at_once_without_a_warning(
+    make_ordering: OrderingFactory,
+    family: dict[str, ReceivedEvent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """in_flight_event_timeout=0 is a choice, not a timeout: park at once, quietly."""
+    ordering = make_ordering(in_flight_event_timeout=0)
+    assert await ordering.record_event_as_processing(family["one"])
+    with caplog.at_level(logging.WARNING, logger="ordering_sql"), pytest.raises(EventArrivedEarly):
+        await Recorder(ordering).handler(family["two"])
+    assert "Timed out" not in caplog.text
+    assert await ordering.get_followers(family["one"]) == [family["two"]]
