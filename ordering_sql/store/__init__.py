@@ -129,35 +129,54 @@ class Store:
         mode: _Mode,
     ) -> T:
         await self.ensure_ready()
-        attempt = 1
+
+        async def attempt() -> T:
+            if mode is _Mode.READ or self._writers is None:
+                async with self._connection(mode) as conn:
+                    return await work(conn)
+            async with self._writers, self._connection(mode) as conn:
+                return await work(conn)
+
+        return await self._retrying(attempt, action=action)
+
+    async def _retrying(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        action: str,
+        gives_up_as: type[StoreError] = StoreError,
+        log_level: int = logging.WARNING,
+    ) -> T:
+        """Run ``attempt`` again, with jittered back-off, while it fails transiently.
+
+        After ``MAX_ATTEMPTS`` the last fault is raised as ``gives_up_as``.
+        """
+        number = 1
         while True:
             try:
-                if mode is _Mode.READ or self._writers is None:
-                    async with self._connection(mode) as conn:
-                        return await work(conn)
-                async with self._writers, self._connection(mode) as conn:
-                    return await work(conn)
+                return await attempt()
             except _Transient as transient:
                 cause = transient.__cause__
-                if attempt >= MAX_ATTEMPTS:
+                if number >= MAX_ATTEMPTS:
                     msg = (
-                        f"Database {self.url!r} kept failing during {action} after {attempt} "
+                        f"Database {self.url!r} kept failing during {action} after {number} "
                         f"attempts: {_describe(cause)}"
                     )
-                    raise StoreError(msg, url=self.url) from cause
-                delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))
+                    raise gives_up_as(msg, url=self.url) from cause
+                delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (number - 1))
                 delay *= 0.5 + random.random()  # jitter, so competing workers spread out
-                logger.warning(
+                logger.log(
+                    log_level,
                     "transient database fault during %s (attempt %d of %d), retrying in %.2fs: %s",
                     action,
-                    attempt,
+                    number,
                     MAX_ATTEMPTS,
                     delay,
                     _describe(cause),
-                    extra={"action": action, "attempt": attempt},
+                    extra={"action": action, "attempt": number},
                 )
                 await asyncio.sleep(delay)
-                attempt += 1
+                number += 1
 
     @asynccontextmanager
     async def _connection(self, mode: _Mode) -> AsyncIterator[AsyncConnection]:
@@ -269,17 +288,16 @@ class Store:
             return await conn.run_sync(_read_revision)
 
     async def _with_retries(self, step: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                return await step()
-            except _Transient as transient:
-                if attempt == MAX_ATTEMPTS:
-                    cause = transient.__cause__
-                    msg = f"Cannot reach database {self.url!r}: {_describe(cause)}"
-                    raise DatabaseUnavailableError(msg, url=self.url) from cause
-                await asyncio.sleep(min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
-        msg = "unreachable"
-        raise AssertionError(msg)  # pragma: no cover
+        """Retries for schema checks and migrations: giving up means the database is away.
+
+        Quiet (DEBUG) while retrying: what the caller sees is the one error at the end.
+        """
+        return await self._retrying(
+            step,
+            action="schema check",
+            gives_up_as=DatabaseUnavailableError,
+            log_level=logging.DEBUG,
+        )
 
 
 def _read_revision(sync_conn: object) -> str | None:
@@ -330,6 +348,12 @@ class _LoopStores:
 
     stores: dict[str, _Shared] = field(default_factory=dict)
     sentinel: AsyncIterator[None] | None = None
+
+    async def dispose_all(self) -> None:
+        shared = list(self.stores.values())
+        self.stores.clear()
+        for item in shared:
+            await item.store.dispose()
 
 
 # Engines hold connections bound to the event loop that opened them, so sharing is per loop.
@@ -384,10 +408,7 @@ async def dispose_engines() -> None:
     entry = _by_loop.get(asyncio.get_running_loop())
     if entry is None:
         return
-    shared = list(entry.stores.values())
-    entry.stores.clear()
-    for item in shared:
-        await item.store.dispose()
+    await entry.dispose_all()
 
 
 async def _dispose_at_shutdown(entry: _LoopStores) -> AsyncIterator[None]:
@@ -404,7 +425,4 @@ async def _dispose_at_shutdown(entry: _LoopStores) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        shared = list(entry.stores.values())
-        entry.stores.clear()
-        for item in shared:
-            await item.store.dispose()
+        await entry.dispose_all()

@@ -1,8 +1,9 @@
 """Everything that differs between SQLite and Postgres, and nothing else.
 
-Four things differ: how an engine is set up (pool, connection hooks, transaction start), which
-``INSERT ... ON CONFLICT`` construct to use, how parking a follower is serialised against its
-leader completing, and how a driver error is classified.
+What differs: how an engine is set up (pool, connection hooks, transaction start), whether a
+step that changes several tables can be one statement, which ``INSERT ... ON CONFLICT``
+construct to use, how concurrent migrations are serialised, what can be known to fail before
+connecting, and how a driver error is classified.
 """
 
 from __future__ import annotations
