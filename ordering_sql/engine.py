@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel
@@ -43,7 +43,7 @@ from ordering_sql.errors import (
     MaxDepthExceeded,
     OrderingError,
 )
-from ordering_sql.models import EventLike, ReceivedEvent, utc_now
+from ordering_sql.models import EventLike, HasId, ReceivedEvent, utc_now
 from ordering_sql.schema import SCOPE_LENGTH
 from ordering_sql.settings import Durations, Settings, mask_url
 from ordering_sql.store import Store, acquire_store, release_store
@@ -60,7 +60,7 @@ E = TypeVar("E", bound=BaseModel)
 EventHandler = Callable[[Any, int], Awaitable[None]]
 
 
-def _event_id(event: UUID | str | EventLike) -> UUID:
+def _event_id(event: UUID | str | HasId) -> UUID:
     if isinstance(event, UUID):
         return event
     if isinstance(event, str):
@@ -104,7 +104,17 @@ class CausalOrdering(Generic[E]):
 
     Building an instance does no I/O. Instances on the same database URL share one engine and
     connection pool per event loop; ``close()`` gives this instance's share back.
+
+    ``migrate_on_first_use``: migrate the schema at the first call if it is missing or old
+    (None, the default: only an embedded SQLite database is; see ``Store.ensure_ready``).
     """
+
+    #: The exceptions raised for the three outcomes the reference names. A subclass may put
+    #: subclasses of them here: ``ordering_sql.prefect`` does, so that Prefect's own ``except``
+    #: clauses catch them as well.
+    arrived_early_error: ClassVar[type[EventArrivedEarly]] = EventArrivedEarly
+    being_processed_error: ClassVar[type[EventBeingProcessed]] = EventBeingProcessed
+    max_depth_error: ClassVar[type[MaxDepthExceeded]] = MaxDepthExceeded
 
     def __init__(
         self,
@@ -114,6 +124,7 @@ class CausalOrdering(Generic[E]):
         engine: AsyncEngine | None = None,
         clock: Callable[[], datetime] | None = None,
         event_type: type[E] = ReceivedEvent,  # type: ignore[assignment]
+        migrate_on_first_use: bool | None = None,
         **durations: Any,
     ) -> None:
         if not isinstance(scope, str) or not scope or len(scope) > SCOPE_LENGTH:
@@ -131,6 +142,7 @@ class CausalOrdering(Generic[E]):
         self.durations = Durations.build(**durations)
         self.event_type: type[E] = event_type
         self._clock = clock or utc_now
+        self._migrate_on_first_use = migrate_on_first_use
         self._engine = engine
         # Validates the URL now (a clear error at construction), connects only on first use.
         self._settings = Settings.from_env(database_url) if engine is None else None
@@ -188,6 +200,8 @@ class CausalOrdering(Generic[E]):
             assert self._settings is not None
             store = await acquire_store(self._settings)
             self._shared_stores.append((weakref.ref(loop), store))
+        if self._migrate_on_first_use is not None:
+            await store.ensure_ready(migrate=self._migrate_on_first_use)
         self._store, self._store_loop = store, weakref.ref(loop)
         return store
 
@@ -220,7 +234,7 @@ class CausalOrdering(Generic[E]):
         self._leases[event.id] = lease.token
         return True
 
-    async def event_has_started_processing(self, event: UUID | str | EventLike) -> bool:
+    async def event_has_started_processing(self, event: UUID | str | HasId) -> bool:
         return (await self._marks(_event_id(event))).processing
 
     async def forget_event_is_processing(self, event: EventLike) -> None:
@@ -291,7 +305,7 @@ class CausalOrdering(Generic[E]):
 
     # -- seen marks ----------------------------------------------------------------------------
 
-    async def event_has_been_seen(self, event: UUID | str | EventLike) -> bool:
+    async def event_has_been_seen(self, event: UUID | str | HasId) -> bool:
         return (await self._marks(_event_id(event))).seen
 
     async def record_event_as_seen(self, event: EventLike) -> None:
@@ -353,7 +367,7 @@ class CausalOrdering(Generic[E]):
 
         await db.step(work, action="forget_follower")
 
-    async def get_followers(self, leader: UUID | str | EventLike) -> list[E]:
+    async def get_followers(self, leader: UUID | str | HasId) -> list[E]:
         """The events waiting for ``leader``, in ``occurred`` order."""
         db = await self._db()
 
@@ -454,13 +468,14 @@ class CausalOrdering(Generic[E]):
         """
         max_depth = self.durations.max_depth_of_preceding_event
         if depth > max_depth:
-            logger.error(
-                "Event %r has exceeded the maximum recursion depth of %s",
-                event.id,
+            self._log(
+                logging.ERROR,
+                event,
+                "has exceeded the maximum recursion depth %s",
                 max_depth,
-                extra={"action": "preceding_event_confirmed", "scope": self.scope},
+                action="preceding_event_confirmed",
             )
-            raise MaxDepthExceeded(event)
+            raise self.max_depth_error(event)
 
         lease = await self._acquire_or_raise(event, leader_id=event.follows)
         async with self._renewing(event.id, lease.token):
@@ -535,12 +550,10 @@ class CausalOrdering(Generic[E]):
     async def _acquire_or_raise(self, event: EventLike, leader_id: UUID | None = None) -> _Lease:
         lease = await self._acquire(event.id, leader_id)
         if lease is None:
-            logger.info(
-                "Event %r is already being processed.",
-                event.id,
-                extra={"action": "event_is_processing", "scope": self.scope},
+            self._log(
+                logging.INFO, event, "is already being processed", action="event_is_processing"
             )
-            raise EventBeingProcessed(event)
+            raise self.being_processed_error(event)
         return lease
 
     async def _wait_for_leader(
@@ -561,13 +574,14 @@ class CausalOrdering(Generic[E]):
             return
         if not await self._park(event, token):
             return  # the leader completed while we looked: go ahead
-        logger.info(
-            "Event %r arrived before the event it follows %r",
-            event.id,
+        self._log(
+            logging.INFO,
+            event,
+            "arrived before the event it follows %s",
             leader,
-            extra={"action": "wait_for_leader", "scope": self.scope},
+            action="wait_for_leader",
         )
-        raise EventArrivedEarly(event)
+        raise self.arrived_early_error(event)
 
     async def _await_leader_in_flight(self, event: EventLike, leader: UUID) -> bool:
         """Poll a leader that is being processed right now; True once it is seen."""
@@ -583,13 +597,12 @@ class CausalOrdering(Generic[E]):
                 return True
             if not marks.processing:
                 return False  # the leader's handler failed or gave up: park and wait for it
-        logger.warning(
-            "Timed out after %s waiting for event %r, which %r follows, to finish processing; "
-            "treating the leader as lost for now and parking the follower.",
-            self.durations.in_flight_event_timeout,
+        self._log(
+            logging.WARNING,
+            event,
+            "timed out waiting for its in-flight leader %s, will treat as lost",
             leader,
-            event.id,
-            extra={"action": "wait_for_leader", "scope": self.scope},
+            action="wait_for_leader",
         )
         return False
 
@@ -615,7 +628,7 @@ class CausalOrdering(Generic[E]):
             if await db.queries.park(conn, values, unless_leader_seen=True):
                 return True
             if token is not None and not await self._still_holds(db, conn, event.id, token):
-                raise EventBeingProcessed(event)
+                raise self.being_processed_error(event)
             return False
 
         return await db.step(work, action="park_follower")
@@ -683,11 +696,12 @@ class CausalOrdering(Generic[E]):
             try:
                 await handler(follower, depth + 1)
             except MaxDepthExceeded:
-                logger.warning(
-                    "Event %r reached its max depth of %s followers processed.",
-                    leader.id,
+                self._log(
+                    logging.WARNING,
+                    leader,
+                    "reached its max depth of %s followers processed.",
                     self.durations.max_depth_of_preceding_event,
-                    extra={"action": "replay_followers", "scope": self.scope},
+                    action="replay_followers",
                 )
                 break
             except (EventBeingProcessed, EventArrivedEarly):
@@ -706,6 +720,11 @@ class CausalOrdering(Generic[E]):
                     )
         if first_error is not None:
             raise first_error
+
+    def _log(self, level: int, event: EventLike, message: str, *args: Any, action: str) -> None:
+        """Log ``message`` about ``event`` as ``Event <id> <message>``; subclasses may reword."""
+        extra = {"action": action, "scope": self.scope, "event_id": event.id}
+        logger.log(level, "Event %r " + message, event.id, *args, extra=extra)
 
     # -- conveniences --------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, model_validator
 
-__all__ = ["Event", "EventLike", "ReceivedEvent", "Resource"]
+__all__ = ["Event", "EventLike", "HasId", "ReceivedEvent", "Resource"]
 
 RESOURCE_ID_LABEL = "prefect.resource.id"
 
@@ -80,6 +80,13 @@ class ReceivedEvent(Event):
 
 
 @runtime_checkable
+class HasId(Protocol):
+    """Anything with an event ``id``: enough to look up an event's marks."""
+
+    @property
+    def id(self) -> UUID: ...
+
+
 class EventLike(Protocol):
     """What the engine reads from an event; any pydantic model with these fields will do."""
 

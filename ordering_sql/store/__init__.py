@@ -209,11 +209,13 @@ class Store:
 
     # -- schema readiness ----------------------------------------------------------------------
 
-    async def ensure_ready(self) -> None:
+    async def ensure_ready(self, *, migrate: bool | None = None) -> None:
         """Check once per engine that the schema is at the revision this code expects.
 
-        SQLite databases are migrated on first use (they are embedded and private to the
-        application); any other database must be migrated explicitly.
+        With ``migrate`` left at None, SQLite databases are migrated on first use (they are
+        embedded and private to the application) and any other database must be migrated
+        explicitly; ``migrate=True`` migrates any database this Store owns the engine of.
+        Several processes migrating at once take turns (see ``migration.run_upgrade``).
         """
         if self._ready:
             return
@@ -225,8 +227,10 @@ class Store:
 
             expected = migration.head_revision()
             current = await self._with_retries(self._current_revision)
-            if current != expected and self.dialect.migrates_on_first_use and self.owns_engine:
-                logger.info("migrating embedded database %s to %s", self.url, expected)
+            if migrate is None:
+                migrate = self.dialect.migrates_on_first_use
+            if current != expected and migrate and self.owns_engine:
+                logger.info("migrating database %s to %s", self.url, expected)
                 await self.migrate()
                 current = await self._with_retries(self._current_revision)
             if current != expected:

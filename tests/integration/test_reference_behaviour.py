@@ -298,7 +298,7 @@ async def test_follower_parks_when_the_in_flight_leader_times_out(
     recorder = Recorder(ordering)
     with caplog.at_level(logging.WARNING, logger="ordering_sql"), pytest.raises(EventArrivedEarly):
         await recorder.handler(family["two"])
-    assert "Timed out" in caplog.text
+    assert "timed out waiting for its in-flight leader" in caplog.text
     assert await ordering.get_followers(family["one"]) == [family["two"]]
 
 
