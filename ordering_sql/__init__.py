@@ -5,7 +5,7 @@ been handled, and replayed then; the bookkeeping lives in SQLite or Postgres, so
 restarts and is shared by every process on the same database.
 """
 
-from ordering_sql.engine import CausalOrdering, EventHandler
+from ordering_sql.engine import Batch, CausalOrdering, EventHandler
 from ordering_sql.errors import (
     ClosedError,
     ConfigurationError,
@@ -38,6 +38,7 @@ __all__ = [
     "PRECEDING_EVENT_LOOKBACK",
     "PROCESSED_EVENT_LOOKBACK",
     "SEEN_EXPIRATION",
+    "Batch",
     "CausalOrdering",
     "ClosedError",
     "ConfigurationError",

@@ -24,9 +24,9 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
@@ -49,7 +49,7 @@ from ordering_sql.settings import Durations, Settings, mask_url
 from ordering_sql.store import Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
-__all__ = ["CausalOrdering", "EventHandler"]
+__all__ = ["Batch", "CausalOrdering", "EventHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,30 @@ class _Lease:
 
     token: UUID
     leader: _Marks | None
+
+
+@dataclass(eq=False)
+class Batch(Generic[E]):
+    """What ``preceding_events_confirmed`` decided for one batch of events.
+
+    Iterating a batch yields ``ready``: handle those, in that order (a leader comes before its
+    followers). Everything else may be acknowledged: ``parked`` events wait in the database for
+    a leader outside the batch, and ``skipped`` ones were repeats within the batch, already
+    handled, or being handled by another worker right now.
+    """
+
+    ready: list[E]
+    parked: list[E]
+    skipped: list[E]
+    #: Followers from earlier batches that this batch's events released, handed to the handler
+    #: after the batch was recorded (filled in when the ``async with`` block ends).
+    replayed: list[E] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[E]:
+        return iter(self.ready)
+
+    def __len__(self) -> int:
+        return len(self.ready)
 
 
 class CausalOrdering(Generic[E]):
@@ -443,7 +467,7 @@ class CausalOrdering(Generic[E]):
         and ``LeaseLostError`` after the body if the lease expired and was taken over.
         """
         lease = await self._acquire_or_raise(event)
-        async with self._renewing(event.id, lease.token):
+        async with self._renewing(lease.token, [event.id]):
             try:
                 yield
             except BaseException:
@@ -478,7 +502,7 @@ class CausalOrdering(Generic[E]):
             raise self.max_depth_error(event)
 
         lease = await self._acquire_or_raise(event, leader_id=event.follows)
-        async with self._renewing(event.id, lease.token):
+        async with self._renewing(lease.token, [event.id]):
             try:
                 await self._wait_for_leader(event, lease.token, lease.leader)
             except EventArrivedEarly:
@@ -495,7 +519,7 @@ class CausalOrdering(Generic[E]):
         await self._replay(handler, event, followers, depth)
 
     @asynccontextmanager
-    async def _renewing(self, event_id: UUID, token: UUID) -> AsyncIterator[None]:
+    async def _renewing(self, token: UUID, event_ids: list[UUID]) -> AsyncIterator[None]:
         """Keep the lease of ``token`` alive while the body runs longer than a third of it.
 
         Without this a handler slower than ``lease_timeout`` would let another worker take the
@@ -511,7 +535,7 @@ class CausalOrdering(Generic[E]):
 
         def start() -> None:
             nonlocal renewer
-            renewer = asyncio.create_task(self._renew_until(stop, event_id, token, interval))
+            renewer = asyncio.create_task(self._renew_until(stop, event_ids, token, interval))
 
         timer = asyncio.get_running_loop().call_later(interval, start)
         try:
@@ -523,14 +547,21 @@ class CausalOrdering(Generic[E]):
                 await renewer  # lets a renewal in flight finish; it never raises
 
     async def _renew_until(
-        self, stop: asyncio.Event, event_id: UUID, token: UUID, interval: float
+        self, stop: asyncio.Event, event_ids: list[UUID], token: UUID, interval: float
     ) -> None:
         db = await self._db()
+        if len(event_ids) == 1:
+            query, ids = db.queries.renew, self._params(event_ids[0])
+        else:
+            query, ids = db.queries.renew_many, self._params(ids=db.dialect.bind_ids(event_ids))
 
         async def work(conn: AsyncConnection) -> bool:
-            now = self._now()
-            renewal = self._params(event_id, owner=token, lease_until=now + self.durations.lease)
-            return bool((await conn.execute(db.queries.renew, renewal)).rowcount)
+            until = self._now() + self.durations.lease
+            return bool(
+                (
+                    await conn.execute(query, {**ids, **params(owner=token, lease_until=until)})
+                ).rowcount
+            )
 
         while not stop.is_set():
             try:
@@ -539,7 +570,9 @@ class CausalOrdering(Generic[E]):
             except OrderingError:
                 logger.warning(
                     "could not renew the lease of event %s; trying again in %.1fs",
-                    event_id,
+                    event_ids[0]
+                    if len(event_ids) == 1
+                    else f"{event_ids[0]} and {len(event_ids) - 1} more",
                     interval,
                     exc_info=True,
                     extra={"action": "renew_lease", "scope": self.scope},
@@ -720,6 +753,236 @@ class CausalOrdering(Generic[E]):
                     )
         if first_error is not None:
             raise first_error
+
+    # -- batches -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def preceding_events_confirmed(
+        self, handler: EventHandler, events: Iterable[E]
+    ) -> AsyncIterator[Batch[E]]:
+        """The batch form of ``preceding_event_confirmed``: decide a whole batch at once.
+
+        ::
+
+            async with ordering.preceding_events_confirmed(handler, events) as batch:
+                for event in batch:  # batch.ready, leaders before their followers
+                    await handle(event)
+            # acknowledge every message of the batch
+
+        On entry, one step takes the processing leases of all the events and reads the marks of
+        the leaders outside the batch. An event is ready if it follows nothing, if its leader
+        was handled, if its leader is ready earlier in the same batch, or if it is older than
+        the lookback. Any other event is parked at once (one statement each; a batch never waits
+        for a leader in flight elsewhere: that leader's completion replays it). When the block
+        ends without an error, one step marks every ready event seen, ends the leases and claims
+        the followers they released; those are then handed to ``handler(follower, 1)``, as
+        ``preceding_event_confirmed`` does, and listed in ``batch.replayed``.
+
+        If the block raises, nothing is recorded: the leases are ended and the error propagates,
+        so a redelivered batch is handled again. ``LeaseLostError`` is raised at the end if some
+        leases expired and were taken over while the block ran (the rest is recorded).
+        """
+        unique: dict[UUID, E] = {}
+        skipped: list[E] = []
+        for event in events:
+            event_id = cast("EventLike", event).id
+            if event_id in unique:
+                skipped.append(event)
+            else:
+                unique[event_id] = event
+        token = uuid4()
+        taken, marks = await self._acquire_batch(unique, token) if unique else (set(), {})
+        batch = Batch[E](ready=[], parked=[], skipped=skipped)
+        batch.skipped += [event for event_id, event in unique.items() if event_id not in taken]
+        await self._sort_batch(batch, unique, taken, marks, token)
+        ids = [cast("EventLike", event).id for event in batch.ready]
+        if not ids:
+            yield batch
+            return
+        async with self._renewing(token, ids):
+            try:
+                yield batch
+            except BaseException:
+                await self._release_batch_after_failure(ids, token)
+                raise
+        lost = await self._complete_batch(handler, batch, token)
+        if lost:
+            msg = (
+                f"The processing leases of {len(lost)} events of this batch in scope "
+                f"{self.scope!r} were taken over by another worker after they expired "
+                f"({self.durations.lease}); their results were not recorded."
+            )
+            raise LeaseLostError(msg, scope=self.scope, event_id=lost[0])
+
+    async def _acquire_batch(
+        self, events: dict[UUID, E], token: UUID
+    ) -> tuple[set[UUID], dict[UUID, _Marks]]:
+        """Take the leases of ``events`` for ``token``; read the marks of the leaders we need.
+
+        Returns the ids taken, and the marks of each leader of a taken event that is not itself
+        taken (outside the batch, or in it but seen or held elsewhere). A retry of this step is
+        harmless: the leases ``token`` already holds are taken again.
+        """
+        db = await self._db()
+        bind = db.dialect.bind_ids
+
+        async def work(conn: AsyncConnection) -> tuple[set[UUID], dict[UUID, _Marks]]:
+            now = self._now()
+            lease = self._params(
+                owner=token, now=now, lease_until=now + self.durations.lease, ids=bind(events)
+            )
+            taken = {row.event_id for row in await conn.execute(db.queries.acquire_many, lease)}
+            wanted: set[UUID] = set()
+            for event_id, event in events.items():
+                leader = cast("EventLike", event).follows
+                if event_id in taken and leader not in taken and self._waits(event, now):
+                    wanted.add(cast("UUID", leader))
+            marks: dict[UUID, _Marks] = {}
+            if wanted:
+                query_params = self._params(ids=bind(wanted))
+                for row in await conn.execute(db.queries.marks_many, query_params):
+                    marks[row.event_id] = _Marks.at(now, row.seen_until, row.lease_until)
+            return taken, marks
+
+        return await db.step(work, action="acquire_batch")
+
+    def _waits(self, event: E, now: datetime) -> bool:
+        """Whether ``event`` names a leader it must wait for (not itself; not too old)."""
+        e = cast("EventLike", event)
+        lookback = self.durations.preceding_event_lookback
+        return _follows_something(e) and now - e.received < lookback
+
+    async def _sort_batch(
+        self,
+        batch: Batch[E],
+        events: dict[UUID, E],
+        taken: set[UUID],
+        marks: dict[UUID, _Marks],
+        token: UUID,
+    ) -> None:
+        """Sort the taken events into ``batch.ready`` (leaders first) and ``batch.parked``.
+
+        Walks each event's chain of leaders within the batch iteratively (a batch may hold a
+        chain of any length, or a cycle), deciding a leader before its follower. An event whose
+        leader is not ready is parked right away; if parking finds the leader seen after all
+        (it completed meanwhile) the event is ready instead.
+        """
+        ready: dict[UUID, bool] = {}  # event id -> ready (True), or parked or skipped (False)
+        now = self._now()
+        for first_id in events:
+            if first_id not in taken or first_id in ready:
+                continue
+            path: list[E] = []
+            on_path: set[UUID] = set()
+            current = events[first_id]
+            while True:
+                path.append(current)
+                on_path.add(cast("EventLike", current).id)
+                leader = cast("EventLike", current).follows
+                if (
+                    leader is None
+                    or leader not in taken
+                    or leader in ready
+                    or leader in on_path
+                    or not self._waits(current, now)
+                ):
+                    break
+                current = events[leader]
+            for event in reversed(path):  # leaders first
+                e = cast("EventLike", event)
+                leader_id = cast("UUID", e.follows)
+                if not self._waits(event, now):
+                    go = True
+                elif leader_id in taken:
+                    go = ready.get(leader_id, False)  # not decided yet: a cycle
+                else:
+                    go = marks.get(leader_id, _Marks(seen=False, processing=False)).seen
+                if not go:
+                    go = await self._park_in_batch(batch, event, token)
+                ready[e.id] = go
+                if go:
+                    batch.ready.append(event)
+
+    async def _park_in_batch(self, batch: Batch[E], event: E, token: UUID) -> bool:
+        """Park ``event``; True if its leader turned out seen, so it is ready after all."""
+        e = cast("EventLike", event)
+        try:
+            parked = await self._park(e, token)
+        except EventBeingProcessed:
+            batch.skipped.append(event)  # our lease ended and another worker has it now
+            return False
+        if not parked:
+            return True
+        self._log(
+            logging.INFO,
+            e,
+            "arrived before the event it follows %s",
+            e.follows,
+            action="preceding_events_confirmed",
+        )
+        batch.parked.append(event)
+        return False
+
+    async def _release_batch_after_failure(self, ids: list[UUID], token: UUID) -> None:
+        # As _release_after_failure: the caller must see the body's error; leases expire anyway.
+        db = await self._db()
+
+        async def work(conn: AsyncConnection) -> None:
+            release = self._params(owner=token, now=self._now(), ids=db.dialect.bind_ids(ids))
+            await conn.execute(db.queries.release_many, release)
+
+        try:
+            await db.step(work, action="release_batch")
+        except Exception:
+            logger.warning(
+                "could not release the leases of a batch of %d events; they expire in %s",
+                len(ids),
+                self.durations.lease,
+                exc_info=True,
+                extra={"action": "release_batch", "scope": self.scope},
+            )
+
+    async def _complete_batch(
+        self, handler: EventHandler, batch: Batch[E], token: UUID
+    ) -> list[UUID]:
+        """Record the ready events, then replay the followers they released; the ids lost.
+
+        One step marks the events seen, ends their leases, forgets their own parked rows and
+        claims their followers (the guarantees of ``_complete``, for many rows: only the leases
+        ``token`` still holds are completed). Followers in the batch itself are not claimed:
+        they were just handled.
+        """
+        db = await self._db()
+        ids = [cast("EventLike", event).id for event in batch.ready]
+
+        async def work(conn: AsyncConnection) -> tuple[set[Any], list[Any]]:
+            now = self._now()
+            values = self._params(
+                owner=token,
+                now=now,
+                seen_until=now + self.durations.seen,
+                claimed_until=now + self.durations.claim_timeout,
+                ids=db.dialect.bind_ids(ids),
+            )
+            return await db.queries.complete_many(conn, values)
+
+        done, rows = await db.step(work, action="complete_batch")
+        await db.purge_if_due(self._now())
+        by_leader: dict[UUID, list[Any]] = {}
+        for row in rows:
+            by_leader.setdefault(row.leader_id, []).append(row)
+        leaders = {cast("EventLike", event).id: event for event in batch.ready}
+        first_error: Exception | None = None
+        for leader_id, leader_rows in by_leader.items():
+            followers = self._load_sorted(leader_rows)
+            batch.replayed += followers
+            try:
+                await self._replay(handler, cast("EventLike", leaders[leader_id]), followers, 0)
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return [event_id for event_id in ids if event_id not in done]
 
     def _log(self, level: int, event: EventLike, message: str, *args: Any, action: str) -> None:
         """Log ``message`` about ``event`` as ``Event <id> <message>``; subclasses may reword."""

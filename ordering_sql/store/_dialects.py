@@ -2,20 +2,23 @@
 
 What differs: how an engine is set up (pool, connection hooks, transaction start), whether a
 step that changes several tables can be one statement, which ``INSERT ... ON CONFLICT``
-construct to use, how concurrent migrations are serialised, what can be known to fail before
-connecting, and how a driver error is classified.
+construct to use, how a list of event ids is bound as one parameter, how concurrent migrations
+are serialised, what can be known to fail before connecting, and how a driver error is
+classified.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 from uuid import UUID
 
-from sqlalchemy import Connection, bindparam, event, func, select
+from sqlalchemy import Connection, Select, String, Uuid, any_, bindparam, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -59,6 +62,17 @@ class Dialect(Protocol):
 
     def insert(self, table: Table) -> Any:
         """An ``INSERT`` that supports ``on_conflict_do_update``/``on_conflict_do_nothing``."""
+
+    def id_list(self, name: str) -> Select[Any]:
+        """``SELECT id FROM <the ids bound as parameter p_<name>>``: the batch statements'
+        event ids as one parameter, so each statement compiles (and is prepared) once whatever
+        the batch size; ``bind_ids`` makes the value."""
+
+    def in_ids(self, column: Any, name: str) -> Any:
+        """``column IN <the ids bound as parameter p_<name>>``, as the index best serves it."""
+
+    def bind_ids(self, ids: Iterable[UUID]) -> Any:
+        """The value of an ``id_list``/``in_ids`` parameter."""
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         """Serialise, until the transaction ends, every writer that calls this with (scope, key)."""
@@ -110,6 +124,17 @@ class SqliteDialect:
 
     def insert(self, table: Table) -> Any:
         return sqlite.insert(table)
+
+    def id_list(self, name: str) -> Select[Any]:
+        # A JSON array of ids as stored (SQLAlchemy's Uuid is 32 hex digits on SQLite).
+        ids = func.json_each(bindparam(f"p_{name}", type_=String())).table_valued("value")
+        return select(ids.c.value.label("id"))
+
+    def in_ids(self, column: Any, name: str) -> Any:
+        return column.in_(self.id_list(name))
+
+    def bind_ids(self, ids: Iterable[UUID]) -> Any:
+        return json.dumps([i.hex for i in ids])
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         # Nothing to do: the transaction began with BEGIN IMMEDIATE and holds SQLite's only write
@@ -203,6 +228,16 @@ class PostgresDialect:
 
     def insert(self, table: Table) -> Any:
         return postgresql.insert(table)
+
+    def id_list(self, name: str) -> Select[Any]:
+        ids = bindparam(f"p_{name}", type_=postgresql.ARRAY(Uuid()))
+        return select(func.unnest(ids).column_valued("id"))
+
+    def in_ids(self, column: Any, name: str) -> Any:
+        return column == any_(bindparam(f"p_{name}", type_=postgresql.ARRAY(Uuid())))
+
+    def bind_ids(self, ids: Iterable[UUID]) -> Any:
+        return list(ids)
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         # A transaction-scoped advisory lock: released at commit, locks nothing else.

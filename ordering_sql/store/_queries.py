@@ -6,7 +6,9 @@ dict. Times are always passed in from the engine's clock: the database's own ``n
 consulted, so tests and simulations can move time.
 
 Two steps of the protocol change several rows at once: completing an event, and parking a
-follower. Where the database can change several tables in one statement (data-modifying common
+follower. The batch API has three more, each over a list of event ids bound as one parameter
+(``_dialects.Dialect.id_list``): taking the leases of a batch, reading marks, and completing
+a batch. Where the database can change several tables in one statement (data-modifying common
 table expressions, Postgres), each is one statement, sent in autocommit: one round trip. Where
 it cannot (SQLite), each is a few statements in one transaction under the single write lock.
 ``Queries.complete`` and ``Queries.park`` hide which.
@@ -23,23 +25,28 @@ once more in a fresh statement, which sees the follower.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import (
     Delete,
     Row,
     Select,
+    String,
     Update,
     Uuid,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     exists,
     func,
     literal,
+    null,
     or_,
     select,
     true,
@@ -95,6 +102,8 @@ class Queries:
     #: Whether multi-row steps are single statements (sent in autocommit), or several
     #: statements that need the caller's transaction.
     single_statement_steps: bool
+    #: The value of an id-list parameter (``ids``, ``leaders``) from event ids.
+    bind_ids: Callable[[Iterable[UUID]], Any]
     #: Take the processing lease of ``event_id`` for ``owner``: succeeds (returns a row) only if
     #: no live lease exists and the event is not seen, or if ``owner`` already holds it (so a
     #: retried statement whose first commit went through is harmless). It is one statement on
@@ -149,6 +158,28 @@ class Queries:
     #: How many rows a purge would delete: seen records, then leases never completed.
     expired_counts: Any
 
+    # -- batches: ``ids`` (and ``leaders``) are id lists, see ``Dialect.bind_ids`` -----------
+
+    #: ``acquire`` for every event of ``ids`` at once, for one ``owner``; returns the ids taken.
+    acquire_many: Any
+    #: ``event_id``, ``seen_until`` and ``lease_until`` of the events of ``ids``.
+    marks_many: Select[Any]
+    #: ``release`` for the events of ``ids`` that ``owner`` holds.
+    release_many: Update
+    #: ``renew`` for the events of ``ids`` that ``owner`` holds.
+    renew_many: Update
+    #: Mark seen and end the lease of the events of ``ids`` that ``owner`` holds; returns their
+    #: ``event_id`` and ``has_followers``.
+    done_many: Any
+    #: Forget the parked rows of the events of ``ids``.
+    forget_many: Delete
+    #: Claim for ``owner`` the followers of the events of ``leaders``, except the events of
+    #: ``ids`` (handled in the batch itself); returns them with their ``leader_id``.
+    claim_many: Any
+    #: done_many + forget_many + claim_many as one statement (Postgres only): one row per
+    #: (done event, claimed follower), the follower columns NULL where it has none.
+    complete_many_statement: Any
+
     # -- the two multi-row steps --------------------------------------------------------------
 
     async def complete(
@@ -180,6 +211,36 @@ class Queries:
             seen = {row.follower_id for row in claimed}
             claimed += [row for row in again if row.follower_id not in seen]
         return claimed
+
+    async def complete_many(
+        self, conn: AsyncConnection, values: dict[str, Any]
+    ) -> tuple[set[Any], list[Row[Any]]]:
+        """Complete the events of ``ids`` that ``owner`` still holds, and claim their followers.
+
+        Returns the ids completed and the claimed followers' rows (``event``, ``occurred``,
+        ``follower_id``, ``leader_id``). Ids missing from the first were taken over.
+        """
+        if self.single_statement_steps:
+            rows = (await conn.execute(self.complete_many_statement, values)).all()
+            done = {row.event_id for row in rows}
+            flagged = {row.event_id for row in rows if row.has_followers}
+            claimed = [row for row in rows if row.follower_id is not None]
+        else:
+            marked = (await conn.execute(self.done_many, values)).all()
+            done = {row.event_id for row in marked}
+            flagged = {row.event_id for row in marked if row.has_followers}
+            await conn.execute(self.forget_many, {**values, "p_ids": self.bind_ids(done)})
+            claimed = []
+        if flagged:
+            # A fresh statement, as in ``complete``: it sees followers parked meanwhile.
+            again = {**values, "p_leaders": self.bind_ids(flagged)}
+            known = {row.follower_id for row in claimed}
+            claimed += [
+                row
+                for row in (await conn.execute(self.claim_many, again)).all()
+                if row.follower_id not in known
+            ]
+        return done, claimed
 
     async def park(
         self, conn: AsyncConnection, values: dict[str, Any], *, unless_leader_seen: bool
@@ -402,8 +463,11 @@ def queries_for(dialect_name: str) -> Queries:
         func.count().filter(events.c.seen_until.is_(None)).label("leases"),
     ).where(purgeable)
 
+    batch = _batch_statements(dialect, released)
+
     return Queries(
         single_statement_steps=dialect.single_statement_steps,
+        bind_ids=dialect.bind_ids,
         acquire=acquire,
         mark_done=mark_done,
         complete_and_claim=complete_and_claim,
@@ -437,7 +501,120 @@ def queries_for(dialect_name: str) -> Queries:
             ),
         ),
         expired_counts=expired_counts,
+        **batch,
     )
+
+
+def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
+    """The statements of the batch API; each takes its event ids as one list parameter."""
+    key = [events.c.scope, events.c.event_id]
+    in_scope = events.c.scope == _scope
+    ids = dialect.id_list("ids").subquery("ids")
+    lease_until = _p("lease_until", type_=UtcDateTime())
+    # WHERE true: SQLite would otherwise read ON CONFLICT as the SELECT's join constraint.
+    rows = select(cast(_scope, String()), ids.c.id, _owner, lease_until, null(), lease_until).where(
+        true()
+    )
+    acquire_ins = dialect.insert(events).from_select(
+        ["scope", "event_id", "owner", "lease_until", "seen_until", "expires_at"], rows
+    )
+    acquire_many = acquire_ins.on_conflict_do_update(
+        index_elements=key,
+        set_={
+            "owner": acquire_ins.excluded.owner,
+            "lease_until": acquire_ins.excluded.lease_until,
+            "expires_at": acquire_ins.excluded.expires_at,
+        },
+        # The same rule as the single ``acquire``: free and unseen, or already ours.
+        where=or_(
+            events.c.owner == acquire_ins.excluded.owner,
+            and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
+        ),
+    ).returning(events.c.event_id)
+
+    held = and_(in_scope, dialect.in_ids(events.c.event_id, "ids"), events.c.owner == _owner)
+    seen_until = _p("seen_until", type_=UtcDateTime())
+    done_many = (
+        sa_update(events)
+        .where(held)
+        .values(lease_until=None, seen_until=seen_until, expires_at=seen_until)
+        .returning(events.c.event_id, events.c.has_followers)
+    )
+    followers_in_scope = followers.c.scope == _scope
+    unclaimed_or_ours = or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner)
+    claim_values = {
+        "claimed_by": _owner,
+        "claimed_until": _p("claimed_until", type_=UtcDateTime()),
+    }
+    claimed_columns = (
+        followers.c.event,
+        followers.c.occurred,
+        followers.c.follower_id,
+        followers.c.leader_id,
+    )
+    claim_many = (
+        sa_update(followers)
+        .where(
+            followers_in_scope,
+            dialect.in_ids(followers.c.leader_id, "leaders"),
+            ~dialect.in_ids(followers.c.follower_id, "ids"),
+            unclaimed_or_ours,
+        )
+        .values(claim_values)
+        .returning(*claimed_columns)
+    )
+    forget_many = delete(followers).where(
+        followers_in_scope, dialect.in_ids(followers.c.follower_id, "ids")
+    )
+
+    complete_many_statement = None
+    if dialect.single_statement_steps:
+        done = done_many.cte("done")
+        done_ids = select(done.c.event_id)
+        forgot = (
+            delete(followers)
+            .where(followers_in_scope, followers.c.follower_id.in_(done_ids))
+            .cte("forgot")
+        )
+        claimed = (
+            sa_update(followers)
+            .where(
+                followers_in_scope,
+                followers.c.leader_id.in_(done_ids),
+                ~dialect.in_ids(followers.c.follower_id, "ids"),
+                unclaimed_or_ours,
+            )
+            .values(claim_values)
+            .returning(*claimed_columns)
+            .cte("claimed")
+        )
+        complete_many_statement = (
+            select(
+                done.c.event_id,
+                done.c.has_followers,
+                claimed.c.event,
+                claimed.c.occurred,
+                claimed.c.follower_id,
+                claimed.c.leader_id,
+            )
+            .select_from(done.outerjoin(claimed, claimed.c.leader_id == done.c.event_id))
+            .add_cte(forgot)
+        )
+
+    return {
+        "acquire_many": acquire_many,
+        "marks_many": select(events.c.event_id, events.c.seen_until, events.c.lease_until).where(
+            in_scope, dialect.in_ids(events.c.event_id, "ids")
+        ),
+        "release_many": sa_update(events).where(held).values(released),
+        "renew_many": sa_update(events)
+        .where(held, events.c.lease_until.is_not(None))
+        .values(lease_until=lease_until, expires_at=_later(events.c.seen_until, lease_until)),
+        "done_many": done_many,
+        "forget_many": forget_many,
+        "claim_many": claim_many,
+        "complete_many_statement": complete_many_statement,
+    }
 
 
 def _completion_statements(mark_done: Any, forget: Any, claim: Any) -> tuple[Any, Any]:
