@@ -5,10 +5,11 @@ Workloads (``--events`` events, 5,000 by default, in chains of 5):
 * W1: delivered in order, one worker;
 * W2: each chain's delivery shuffled (seeded), one worker;
 * W3: W2 consumed by 8 concurrent workers from one queue;
+* W4: W2 through the batch API (``preceding_events_confirmed``), in batches of 100, one worker;
 * W5: 4 worker processes sharing one stream (round-robin partitions, as a broker would hand
   them out), with 20% duplicate deliveries.
 
-(W4, the batch API, comes with that API.) Each workload runs ``--repeat`` times (3) in fresh
+Each workload runs ``--repeat`` times (3) in fresh
 scopes and reports the median events/s, p50/p99 seconds per delivery, statements (round trips on
 Postgres) per event, and a correctness check: every event handled exactly once, in causal
 order, nothing left parked. The floors are measured on the same database in the same run: a
@@ -50,6 +51,7 @@ from ordering_sql.simulation import (
     WorkerSpec,
     check,
     read_log,
+    run_batch_worker,
     run_worker,
     write_deliveries,
 )
@@ -57,7 +59,9 @@ from ordering_sql.simulation import (
 __all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
 
 CHAIN = 5
-WORKLOADS = ("W1", "W2", "W3", "W5")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+#: W4's batch size.
+BATCH = 100
 
 
 class Floors(BaseModel):
@@ -150,7 +154,7 @@ def _counting_statements(engine: Any) -> Iterator[list[int]]:
 
 
 async def _in_process(
-    url: str, stream: Stream, workers: int
+    url: str, stream: Stream, workers: int, *, batch: int | None = None
 ) -> tuple[float, list[float], int, list[dict[str, Any]], str]:
     scope = f"bench-{time.time_ns()}"
     ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
@@ -162,9 +166,19 @@ async def _in_process(
         latencies: list[float] = []
         with _counting_statements(store.engine.sync_engine) as count:
             began = time.perf_counter()
-            await asyncio.gather(
-                *(run_worker(ordering, queue, log, latencies=latencies) for log in logs)
-            )
+            if batch is None:
+                await asyncio.gather(
+                    *(run_worker(ordering, queue, log, latencies=latencies) for log in logs)
+                )
+            else:
+                await asyncio.gather(
+                    *(
+                        run_batch_worker(
+                            ordering, queue, log, batch_size=batch, latencies=latencies
+                        )
+                        for log in logs
+                    )
+                )
             seconds = time.perf_counter() - began
         records = [r for log in logs for r in log.records]
         return seconds, latencies, count[0], records, scope
@@ -315,7 +329,10 @@ async def run_workload(
             seconds, lat, count, records, scope = await _processes(url, stream, 4, folder)
         else:
             workers = 8 if name == "W3" else 1
-            seconds, lat, count, records, scope = await _in_process(url, stream, workers)
+            batch = BATCH if name == "W4" else None
+            seconds, lat, count, records, scope = await _in_process(
+                url, stream, workers, batch=batch
+            )
         runs.append(len(stream.events) / seconds)
         latencies += lat
         if count is not None:

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--repeat", type=_positive_int, default=3, help="runs per workload (3)")
     bench_p.add_argument("--seed", type=int, default=1, help="random seed (1)")
     bench_p.add_argument(
-        "--workloads", default="W1,W2,W3,W5", help="comma-separated subset (W1,W2,W3,W5)"
+        "--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset (W1,W2,W3,W4,W5)"
     )
     bench_p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench_p.add_argument(

@@ -104,14 +104,17 @@ class Batch(Generic[E]):
     """What ``preceding_events_confirmed`` decided for one batch of events.
 
     Iterating a batch yields ``ready``: handle those, in that order (a leader comes before its
-    followers). Everything else may be acknowledged: ``parked`` events wait in the database for
-    a leader outside the batch, and ``skipped`` ones were repeats within the batch, already
-    handled, or being handled by another worker right now.
+    followers). ``parked`` events wait in the database for a leader outside the batch, and
+    ``skipped`` ones were repeats within the batch or already handled: acknowledge both, with
+    the ready ones. ``busy`` events are being handled by another worker right now: do not
+    acknowledge them, redeliver them later (as for ``EventBeingProcessed``), so that they are
+    not lost if that worker dies.
     """
 
     ready: list[E]
     parked: list[E]
     skipped: list[E]
+    busy: list[E]
     #: Followers from earlier batches that this batch's events released, handed to the handler
     #: after the batch was recorded (filled in when the ``async with`` block ends).
     replayed: list[E] = field(default_factory=list)
@@ -792,8 +795,11 @@ class CausalOrdering(Generic[E]):
                 unique[event_id] = event
         token = uuid4()
         taken, marks = await self._acquire_batch(unique, token) if unique else (set(), {})
-        batch = Batch[E](ready=[], parked=[], skipped=skipped)
-        batch.skipped += [event for event_id, event in unique.items() if event_id not in taken]
+        batch = Batch[E](ready=[], parked=[], skipped=skipped, busy=[])
+        for event_id, event in unique.items():
+            if event_id not in taken:
+                seen = marks.get(event_id, _Marks(seen=False, processing=False)).seen
+                (batch.skipped if seen else batch.busy).append(event)
         await self._sort_batch(batch, unique, taken, marks, token)
         ids = [cast("EventLike", event).id for event in batch.ready]
         if not ids:
@@ -819,9 +825,10 @@ class CausalOrdering(Generic[E]):
     ) -> tuple[set[UUID], dict[UUID, _Marks]]:
         """Take the leases of ``events`` for ``token``; read the marks of the leaders we need.
 
-        Returns the ids taken, and the marks of each leader of a taken event that is not itself
-        taken (outside the batch, or in it but seen or held elsewhere). A retry of this step is
-        harmless: the leases ``token`` already holds are taken again.
+        Returns the ids taken, and the marks of the events not taken (seen, or held elsewhere)
+        and of each leader of a taken event that is not itself taken (outside the batch, or in
+        it but not taken). A retry of this step is harmless: the leases ``token`` already holds
+        are taken again.
         """
         db = await self._db()
         bind = db.dialect.bind_ids
@@ -832,7 +839,7 @@ class CausalOrdering(Generic[E]):
                 owner=token, now=now, lease_until=now + self.durations.lease, ids=bind(events)
             )
             taken = {row.event_id for row in await conn.execute(db.queries.acquire_many, lease)}
-            wanted: set[UUID] = set()
+            wanted = {event_id for event_id in events if event_id not in taken}
             for event_id, event in events.items():
                 leader = cast("EventLike", event).follows
                 if event_id in taken and leader not in taken and self._waits(event, now):
@@ -909,7 +916,7 @@ class CausalOrdering(Generic[E]):
         try:
             parked = await self._park(e, token)
         except EventBeingProcessed:
-            batch.skipped.append(event)  # our lease ended and another worker has it now
+            batch.busy.append(event)  # our lease ended and another worker has it now
             return False
         if not parked:
             return True

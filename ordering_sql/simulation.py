@@ -8,6 +8,8 @@ Used by ``ordering-sql demo`` and by the fault tests. The pieces:
   parked event (``EventArrivedEarly``) as done, retry an event another worker holds. Every handler
   run is written to a log (start and end, on the machine-wide monotonic clock) and every message
   taken off the queue is acknowledged in the log, so runs can span processes and survive a kill.
+* ``run_batch_worker`` is the same consumer taking its deliveries in batches, through
+  ``preceding_events_confirmed``.
 * ``check`` reads the logs back: events never handled, handled twice, and order violations (a
   follower whose handling began before its leader's first handling had ended).
 
@@ -44,6 +46,7 @@ __all__ = [
     "build_stream",
     "check",
     "read_log",
+    "run_batch_worker",
     "run_worker",
 ]
 
@@ -197,6 +200,16 @@ class DeliveryQueue:
             await self._changed.wait()
         return self._ready.popleft()
 
+    async def get_many(self, most: int) -> list[ReceivedEvent]:
+        """Up to ``most`` deliveries (at least one unless the queue is done); [] once done."""
+        first = await self.get()
+        if first is None:
+            return []
+        taken = [first]
+        while self._ready and len(taken) < most:
+            taken.append(self._ready.popleft())
+        return taken
+
     def __len__(self) -> int:
         return len(self._ready) + self._delayed
 
@@ -247,6 +260,52 @@ async def run_worker(
         log.write("ack", event.id)
         if latencies is not None:
             latencies.append(time.perf_counter() - began)
+    return tally
+
+
+async def run_batch_worker(
+    ordering: CausalOrdering[Any],
+    queue: DeliveryQueue,
+    log: HandledLog,
+    *,
+    batch_size: int = 100,
+    retry_delay: float = 0.05,
+    latencies: list[float] | None = None,
+) -> Tally:
+    """``run_worker`` for a consumer that receives its messages in batches.
+
+    ``latencies``, if given, receives for each delivery the seconds its batch took (taking it
+    off the queue to acknowledging it).
+    """
+    tally = Tally()
+
+    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        # Followers released by a batch come back one at a time, through the single path.
+        async with ordering.preceding_event_confirmed(handler, event, depth):
+            log.write("start", event.id)
+            log.write("end", event.id)
+            tally.handled += 1
+            tally.replayed += depth > 0
+
+    while deliveries := await queue.get_many(batch_size):
+        began = time.perf_counter()
+        tally.delivered += len(deliveries)
+        async with ordering.preceding_events_confirmed(handler, deliveries) as batch:
+            for event in batch:
+                log.write("start", event.id)
+                log.write("end", event.id)
+                tally.handled += 1
+        tally.parked += len(batch.parked)
+        tally.duplicates_skipped += len(batch.skipped)
+        tally.retried += len(batch.busy)
+        for event in batch.busy:
+            queue.put_later(event, retry_delay)
+        busy = {event.id for event in batch.busy}
+        acknowledged = [event for event in deliveries if event.id not in busy]
+        for event in acknowledged:
+            log.write("ack", event.id)
+        if latencies is not None:
+            latencies += [time.perf_counter() - began] * len(acknowledged)
     return tally
 
 
