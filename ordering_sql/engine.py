@@ -835,8 +835,13 @@ class CausalOrdering(Generic[E]):
 
         async def work(conn: AsyncConnection) -> tuple[set[UUID], dict[UUID, _Marks]]:
             now = self._now()
+            # Sorted: concurrent batches then lock their rows in one order, so two batches
+            # sharing events cannot deadlock (Postgres locks in the order rows are inserted).
             lease = self._params(
-                owner=token, now=now, lease_until=now + self.durations.lease, ids=bind(events)
+                owner=token,
+                now=now,
+                lease_until=now + self.durations.lease,
+                ids=bind(sorted(events)),
             )
             taken = {row.event_id for row in await conn.execute(db.queries.acquire_many, lease)}
             wanted = {event_id for event_id in events if event_id not in taken}
@@ -961,6 +966,7 @@ class CausalOrdering(Generic[E]):
         """
         db = await self._db()
         ids = [cast("EventLike", event).id for event in batch.ready]
+        ordered = sorted(ids)  # one lock order for every batch, as in _acquire_batch
 
         async def work(conn: AsyncConnection) -> tuple[set[Any], list[Any]]:
             now = self._now()
@@ -969,7 +975,7 @@ class CausalOrdering(Generic[E]):
                 now=now,
                 seen_until=now + self.durations.seen,
                 claimed_until=now + self.durations.claim_timeout,
-                ids=db.dialect.bind_ids(ids),
+                ids=db.dialect.bind_ids(ordered),
             )
             return await db.queries.complete_many(conn, values)
 

@@ -168,8 +168,8 @@ class Queries:
     release_many: Update
     #: ``renew`` for the events of ``ids`` that ``owner`` holds.
     renew_many: Update
-    #: Mark seen and end the lease of the events of ``ids`` that ``owner`` holds; returns their
-    #: ``event_id`` and ``has_followers``.
+    #: Mark seen and end the lease of the events of ``ids`` that ``owner`` holds (or that have
+    #: no row at all); returns their ``event_id`` and ``has_followers``.
     done_many: Any
     #: Forget the parked rows of the events of ``ids``.
     forget_many: Delete
@@ -534,12 +534,23 @@ def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
 
     held = and_(in_scope, dialect.in_ids(events.c.event_id, "ids"), events.c.owner == _owner)
     seen_until = _p("seen_until", type_=UtcDateTime())
-    done_many = (
-        sa_update(events)
-        .where(held)
-        .values(lease_until=None, seen_until=seen_until, expires_at=seen_until)
-        .returning(events.c.event_id, events.c.has_followers)
+    # An upsert like the single ``mark_done``: a row purged after its lease expired (nobody
+    # took the event over) is written anew; a row another owner holds is left alone.
+    done_rows = select(
+        cast(_scope, String()), ids.c.id, _owner, null(), seen_until, seen_until
+    ).where(true())
+    done_ins = dialect.insert(events).from_select(
+        ["scope", "event_id", "owner", "lease_until", "seen_until", "expires_at"], done_rows
     )
+    done_many = done_ins.on_conflict_do_update(
+        index_elements=key,
+        set_={
+            "lease_until": None,
+            "seen_until": done_ins.excluded.seen_until,
+            "expires_at": done_ins.excluded.expires_at,
+        },
+        where=events.c.owner == done_ins.excluded.owner,
+    ).returning(events.c.event_id, events.c.has_followers)
     followers_in_scope = followers.c.scope == _scope
     unclaimed_or_ours = or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner)
     claim_values = {
