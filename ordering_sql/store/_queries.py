@@ -97,6 +97,24 @@ def _later(column: Any, value: Any) -> Any:
     return case((column > value, column), else_=value)
 
 
+def _take_lease(insert: Any) -> Any:
+    """``insert`` (of lease rows) as an upsert that takes each lease only if it is free and the
+    event unseen, or if the same owner holds it already: the rule of ``Queries.acquire``."""
+    return insert.on_conflict_do_update(
+        index_elements=[events.c.scope, events.c.event_id],
+        set_={
+            "owner": insert.excluded.owner,
+            "lease_until": insert.excluded.lease_until,
+            # The seen mark is not live here, so the lease is the row's only live mark.
+            "expires_at": insert.excluded.expires_at,
+        },
+        where=or_(
+            events.c.owner == insert.excluded.owner,
+            and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Queries:
     #: Whether multi-row steps are single statements (sent in autocommit), or several
@@ -279,19 +297,7 @@ def queries_for(dialect_name: str) -> Queries:
         seen_until=None,
         expires_at=_p("lease_until"),
     )
-    acquire = acquire_ins.on_conflict_do_update(
-        index_elements=key,
-        set_={
-            "owner": acquire_ins.excluded.owner,
-            "lease_until": acquire_ins.excluded.lease_until,
-            # The seen mark is not live here, so the lease is the row's only live mark.
-            "expires_at": acquire_ins.excluded.expires_at,
-        },
-        where=or_(
-            events.c.owner == acquire_ins.excluded.owner,
-            and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
-        ),
-    ).returning(
+    acquire = _take_lease(acquire_ins).returning(
         events.c.event_id,
         _leader_mark(events.c.seen_until.key).label("leader_seen_until"),
         _leader_mark(events.c.lease_until.key).label("leader_lease_until"),
@@ -518,19 +524,7 @@ def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
     acquire_ins = dialect.insert(events).from_select(
         ["scope", "event_id", "owner", "lease_until", "seen_until", "expires_at"], rows
     )
-    acquire_many = acquire_ins.on_conflict_do_update(
-        index_elements=key,
-        set_={
-            "owner": acquire_ins.excluded.owner,
-            "lease_until": acquire_ins.excluded.lease_until,
-            "expires_at": acquire_ins.excluded.expires_at,
-        },
-        # The same rule as the single ``acquire``: free and unseen, or already ours.
-        where=or_(
-            events.c.owner == acquire_ins.excluded.owner,
-            and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
-        ),
-    ).returning(events.c.event_id)
+    acquire_many = _take_lease(acquire_ins).returning(events.c.event_id)
 
     held = and_(in_scope, dialect.in_ids(events.c.event_id, "ids"), events.c.owner == _owner)
     seen_until = _p("seen_until", type_=UtcDateTime())
