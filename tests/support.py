@@ -1,13 +1,19 @@
-"""Helpers shared by the test suites: a movable clock and event builders."""
+"""Helpers shared by the test suites: a movable clock, event builders, a statement counter
+and an EXPLAIN collector."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from ordering_sql import ReceivedEvent
+from sqlalchemy import Engine, event
+
+from ordering_sql import CausalOrdering, ReceivedEvent
 
 
 @dataclass
@@ -62,3 +68,82 @@ def chain(
             )
         )
     return events
+
+
+# -- counting statements ------------------------------------------------------------------------
+
+
+@dataclass
+class Counter:
+    #: (first word of the statement, whether it ran outside an explicit transaction)
+    statements: list[tuple[str, bool]] = field(default_factory=list)
+    transactions: int = 0
+
+    @property
+    def round_trips(self) -> int:
+        """Statements sent, plus BEGIN and COMMIT of each explicit transaction."""
+        return len(self.statements) + 2 * self.transactions
+
+    @property
+    def units(self) -> int:
+        """Units of work: explicit transactions, plus statements sent outside any."""
+        return self.transactions + sum(1 for _, autocommit in self.statements if autocommit)
+
+
+def _autocommit(conn: Any) -> bool:
+    options = conn.get_execution_options()
+    return bool(
+        options.get("isolation_level") == "AUTOCOMMIT" or options.get("ordering_sql_read_only")
+    )
+
+
+@contextmanager
+def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
+    assert ordering._store is not None, "use the instance once before counting"
+    engine = ordering._store.engine.sync_engine
+    counter = Counter()
+
+    def before(conn: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE: see on_commit
+            counter.statements.append((statement.split()[0], _autocommit(conn)))
+
+    def on_commit(conn: Any) -> None:
+        if not _autocommit(conn):
+            counter.transactions += 1
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "commit", on_commit)
+    try:
+        yield counter
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "commit", on_commit)
+
+
+# -- query plans ---------------------------------------------------------------------------------
+
+#: A plan line that reads a whole ordering table (Postgres, then SQLite).
+FULL_SCAN = re.compile(r"(Seq Scan on ordering_\w+|^SCAN ordering_\w+)", re.MULTILINE)
+
+
+@contextmanager
+def explained_plans(engine: Engine, dialect_name: str) -> Iterator[list[str]]:
+    """Every statement on ``engine`` is explained instead of run; the plans collect here."""
+    prefix = "EXPLAIN QUERY PLAN " if dialect_name == "sqlite" else "EXPLAIN "
+    plans: list[str] = []
+
+    def explain(
+        _c: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, _many: bool
+    ) -> tuple[str, Any]:
+        return prefix + statement, parameters
+
+    def collect(_c: Any, cursor: Any, _s: str, _p: Any, _ctx: Any, _many: bool) -> None:
+        plans.append("\n".join(str(row[-1]) for row in cursor.fetchall()))
+
+    event.listen(engine, "before_cursor_execute", explain, retval=True)
+    event.listen(engine, "after_cursor_execute", collect)
+    try:
+        yield plans
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+        event.remove(engine, "after_cursor_execute", collect)

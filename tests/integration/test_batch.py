@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import event
 
 from ordering_sql import (
     Batch,
@@ -29,7 +26,7 @@ from ordering_sql import (
     ReceivedEvent,
 )
 from tests.conftest import OrderingFactory
-from tests.support import Clock, chain, make_event
+from tests.support import Clock, Counter, chain, counting, make_event
 
 #: A bound on every wait here; nothing in this file should come near it.
 TEST_TIMEOUT_S = 20.0
@@ -556,51 +553,6 @@ async def test_batches_and_single_deliveries_interleaved_keep_every_edge(
 
 
 # -- statement budgets --------------------------------------------------------------------------
-
-
-@dataclass
-class Counter:
-    #: (first word, whether it ran outside an explicit transaction), BEGINs left out.
-    statements: list[tuple[str, bool]] = field(default_factory=list)
-    transactions: int = 0
-
-    @property
-    def round_trips(self) -> int:
-        return len(self.statements) + 2 * self.transactions
-
-    @property
-    def units(self) -> int:
-        return self.transactions + sum(1 for _, autocommit in self.statements if autocommit)
-
-
-def _autocommit(conn: Any) -> bool:
-    options = conn.get_execution_options()
-    return bool(
-        options.get("isolation_level") == "AUTOCOMMIT" or options.get("ordering_sql_read_only")
-    )
-
-
-@contextmanager
-def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
-    assert ordering._store is not None, "use the instance once before counting"
-    engine = ordering._store.engine.sync_engine
-    counter = Counter()
-
-    def before(conn: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if not statement.startswith("BEGIN"):
-            counter.statements.append((statement.split()[0], _autocommit(conn)))
-
-    def on_commit(conn: Any) -> None:
-        if not _autocommit(conn):
-            counter.transactions += 1
-
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "commit", on_commit)
-    try:
-        yield counter
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "commit", on_commit)
 
 
 def chains_of_five(count: int, seed: int, **kwargs: Any) -> list[ReceivedEvent]:

@@ -16,15 +16,15 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import bindparam, event, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql.schema import followers
 from ordering_sql.store._dialects import dialect_for
 from ordering_sql.store._queries import params, queries_for
+from tests.support import FULL_SCAN, explained_plans
 
 NOW = datetime.now(UTC)
-FULL_SCAN = re.compile(r"(Seq Scan on ordering_\w+|^SCAN ordering_\w+)", re.MULTILINE)
 #: An index used for the scope alone: every row of the scope is read and filtered. The id list
 #: must be part of the index condition (Postgres) or of the search key (SQLite).
 SCOPE_ONLY = re.compile(
@@ -85,7 +85,6 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
 async def explaining(database_url: str) -> AsyncIterator[tuple[AsyncConnection, list[str]]]:
     """A connection on which every statement is explained instead of run."""
     engine = create_async_engine(database_url)
-    plans: list[str] = []
     try:
         async with engine.connect() as conn:
             sqlite = engine.dialect.name == "sqlite"
@@ -98,19 +97,8 @@ async def explaining(database_url: str) -> AsyncIterator[tuple[AsyncConnection, 
                     )
                 await conn.exec_driver_sql("ANALYZE ordering_events, ordering_followers")
                 await conn.exec_driver_sql("SET enable_seqscan = off")
-            prefix = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-
-            @event.listens_for(engine.sync_engine, "before_cursor_execute", retval=True)
-            def _explain(
-                _c: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, _many: bool
-            ) -> tuple[str, Any]:
-                return prefix + statement, parameters
-
-            @event.listens_for(engine.sync_engine, "after_cursor_execute")
-            def _collect(_c: Any, cursor: Any, _s: str, _p: Any, _ctx: Any, _many: bool) -> None:
-                plans.append("\n".join(str(row[-1]) for row in cursor.fetchall()))
-
-            yield conn, plans
+            with explained_plans(engine.sync_engine, engine.dialect.name) as plans:
+                yield conn, plans
             await conn.rollback()
     finally:
         await engine.dispose()

@@ -8,18 +8,18 @@ real parameters. Nothing is executed: neither form runs the statement.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql.schema import followers
 from ordering_sql.store._queries import params, queries_for
+from tests.support import FULL_SCAN, explained_plans
 
 NOW = datetime.now(UTC)
 
@@ -114,32 +114,17 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
 async def explaining(database_url: str) -> AsyncIterator[tuple[AsyncConnection, list[str]]]:
     """A connection on which every statement is explained instead of run."""
     engine = create_async_engine(database_url)
-    plans: list[str] = []
     try:
         async with engine.connect() as conn:
             sqlite = engine.dialect.name == "sqlite"
             if not sqlite:
                 # Price sequential scans out: any left in a plan means no index can serve it.
                 await conn.exec_driver_sql("SET enable_seqscan = off")
-            prefix = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-
-            @event.listens_for(engine.sync_engine, "before_cursor_execute", retval=True)
-            def _explain(
-                _c: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, _many: bool
-            ) -> tuple[str, Any]:
-                return prefix + statement, parameters
-
-            @event.listens_for(engine.sync_engine, "after_cursor_execute")
-            def _collect(_c: Any, cursor: Any, _s: str, _p: Any, _ctx: Any, _many: bool) -> None:
-                plans.append("\n".join(str(row[-1]) for row in cursor.fetchall()))
-
-            yield conn, plans
+            with explained_plans(engine.sync_engine, engine.dialect.name) as plans:
+                yield conn, plans
             await conn.rollback()
     finally:
         await engine.dispose()
-
-
-FULL_SCAN = re.compile(r"(Seq Scan on ordering_\w+|^SCAN ordering_\w+)", re.MULTILINE)
 
 
 @pytest.mark.parametrize("name", list(_statements("sqlite")))

@@ -10,62 +10,10 @@ in units of work (transactions or single autocommit statements), each one lock a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event
-
 from ordering_sql import CausalOrdering, EventArrivedEarly
-from tests.support import make_event
-
-
-@dataclass
-class Counter:
-    #: (first word of the statement, whether it ran outside an explicit transaction)
-    statements: list[tuple[str, bool]] = field(default_factory=list)
-    transactions: int = 0
-
-    @property
-    def round_trips(self) -> int:
-        """Statements sent, plus BEGIN and COMMIT of each explicit transaction."""
-        return len(self.statements) + 2 * self.transactions
-
-    @property
-    def units(self) -> int:
-        """Units of work: explicit transactions, plus statements sent outside any."""
-        return self.transactions + sum(1 for _, autocommit in self.statements if autocommit)
-
-
-def _autocommit(conn: Any) -> bool:
-    options = conn.get_execution_options()
-    return bool(
-        options.get("isolation_level") == "AUTOCOMMIT" or options.get("ordering_sql_read_only")
-    )
-
-
-@contextmanager
-def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
-    assert ordering._store is not None, "use the instance once before counting"
-    engine = ordering._store.engine.sync_engine
-    counter = Counter()
-
-    def before(conn: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE: see on_commit
-            counter.statements.append((statement.split()[0], _autocommit(conn)))
-
-    def on_commit(conn: Any) -> None:
-        if not _autocommit(conn):
-            counter.transactions += 1
-
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "commit", on_commit)
-    try:
-        yield counter
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "commit", on_commit)
+from tests.support import Counter, counting, make_event
 
 
 async def _warm(ordering: CausalOrdering[Any]) -> None:
