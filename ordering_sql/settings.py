@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from functools import lru_cache
 from typing import Annotated, Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,8 +110,14 @@ class Durations(BaseModel):
             raise ConfigurationError(msg) from None
 
 
+@lru_cache(maxsize=64)
 def normalize_url(url: str | URL) -> URL:
-    """Parse a database URL and select the async driver this project uses for its backend."""
+    """Parse a database URL and select the async driver this project uses for its backend.
+
+    Cached: URLs are immutable, and a service that builds an instance per event (Prefect does)
+    would otherwise parse the same URL twice per event (at construction and when sharing the
+    engine).
+    """
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
