@@ -10,10 +10,9 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql.settings import PRECEDING_EVENT_LOOKBACK, Durations
-from ordering_sql.store import Store
+from ordering_sql.store import Connection, Store
 from ordering_sql.store._queries import params, scope_counts
 
 __all__ = ["PurgeResult", "ScopeStatus", "peek_lost", "purge", "status"]
@@ -48,7 +47,7 @@ async def status(
     """Counts per scope (only ``scope`` if given), sorted by scope name."""
     events_q, followers_q = scope_counts(now, now - lookback)
 
-    async def work(conn: AsyncConnection) -> list[ScopeStatus]:
+    async def work(conn: Connection) -> list[ScopeStatus]:
         rows: dict[str, dict[str, object]] = {}
         for row in await conn.execute(events_q):
             rows.setdefault(row.scope, {}).update(row._asdict())
@@ -81,7 +80,7 @@ async def peek_lost(
         seen_cutoff=now + durations.seen - durations.claim_timeout,
     )
 
-    async def work(conn: AsyncConnection) -> list[str]:
+    async def work(conn: Connection) -> list[str]:
         return [row.event for row in await conn.execute(query, values)]
 
     return await store.read(work, action="peek_lost")
@@ -104,7 +103,7 @@ class PurgeResult(BaseModel):
 async def purge(store: Store, *, now: datetime, dry_run: bool = False) -> PurgeResult:
     """Delete (or with ``dry_run`` only count) the expired rows of every scope."""
 
-    async def count(conn: AsyncConnection) -> tuple[int, int]:
+    async def count(conn: Connection) -> tuple[int, int]:
         row = (await conn.execute(store.queries.expired_counts, params(now=now))).one()
         return int(row.seen), int(row.leases)
 

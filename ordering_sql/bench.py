@@ -13,15 +13,17 @@ Each workload runs ``--repeat`` times (3) in fresh
 scopes and reports the median events/s, p50/p99 seconds per delivery, statements (round trips on
 Postgres) per event, and a correctness check: every event handled exactly once, in causal
 order, nothing left parked. The floors are measured on the same database in the same run: a
-single-row INSERT + COMMIT and a ``SELECT 1``, each through the raw driver and through
-SQLAlchemy; each workload is also shown as a ratio to the two-statement floor (SQLAlchemy's
-INSERT + COMMIT rate halved), the least an in-order event can cost.
+single-row INSERT + COMMIT into an ordinary (durable) table and a ``SELECT 1``, each through
+the raw driver and through SQLAlchemy; each workload is also shown as a ratio to the
+two-statement floor (SQLAlchemy's INSERT + COMMIT rate halved), the least an in-order event
+costs when both of its statements commit through SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import statistics
 import sys
@@ -55,6 +57,7 @@ from ordering_sql.simulation import (
     run_worker,
     write_deliveries,
 )
+from ordering_sql.store import Store
 
 __all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
 
@@ -133,9 +136,14 @@ def chains(events: int, *, shuffled: bool, seed: int, duplicates: float = 0.0) -
 
 
 @contextlib.contextmanager
-def _counting_statements(engine: Any) -> Iterator[list[int]]:
-    """Counts statements sent, plus BEGIN and COMMIT of explicit transactions."""
+def _counting_statements(store: Store) -> Iterator[list[int]]:
+    """Counts statements sent, plus BEGIN and COMMIT of explicit transactions.
+
+    Statements that Postgres's autocommit units send past SQLAlchemy (``store/_driver.py``)
+    are counted through the direct path's listeners.
+    """
     count = [0]
+    engine = store.engine.sync_engine
 
     def before(conn: Any, *_: Any) -> None:
         count[0] += 1
@@ -144,13 +152,19 @@ def _counting_statements(engine: Any) -> Iterator[list[int]]:
         if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
             count[0] += 2 if conn.dialect.name != "sqlite" else 1
 
+    def direct(_statement: str) -> None:
+        count[0] += 1
+
+    listeners = store._direct.listeners if store._direct is not None else []
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "commit", on_commit)
+    listeners.append(direct)
     try:
         yield count
     finally:
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "commit", on_commit)
+        listeners.remove(direct)
 
 
 async def _in_process(
@@ -164,7 +178,7 @@ async def _in_process(
         queue = DeliveryQueue(stream.deliveries)
         logs = [HandledLog(None, f"w{i}") for i in range(workers)]
         latencies: list[float] = []
-        with _counting_statements(store.engine.sync_engine) as count:
+        with _counting_statements(store) as count:
             began = time.perf_counter()
             if batch is None:
                 await asyncio.gather(
@@ -244,64 +258,77 @@ async def _measure(fn: Callable[[], Awaitable[None]], *, seconds: float = 1.0) -
 
 
 async def measure_floors(url: str) -> Floors:
+    """The floors: a single-row INSERT + COMMIT and a ``SELECT 1``, raw and through SQLAlchemy.
+
+    The INSERT goes to an ordinary table, durable like the engine's own: a temporary table
+    writes no WAL (Postgres) or sits outside the database file (SQLite), so its commit skips the
+    flush to disk that every commit of the engine pays. The table is dropped afterwards.
+    """
     parsed = normalize_url(url)
+    table = f"ordering_bench_floor_{os.getpid()}"
     engine = create_async_engine(parsed)
     try:
         async with engine.connect() as conn:
-            await conn.execute(text("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)"))
+            await conn.execute(text(f"CREATE TABLE {table} (n INTEGER)"))
             await conn.commit()
+            try:
 
-            async def sa_insert() -> None:
-                await conn.execute(text("INSERT INTO ordering_bench_floor VALUES (1)"))
+                async def sa_insert() -> None:
+                    await conn.execute(text(f"INSERT INTO {table} VALUES (1)"))
+                    await conn.commit()
+
+                async def sa_select() -> None:
+                    await conn.execute(text("SELECT 1"))
+
+                sa_insert_rate = await _measure(sa_insert)
+                await conn.rollback()
+                sa_select_rate = await _measure(sa_select)
+                await conn.rollback()
+                raw_insert_rate, raw_select_rate = await _raw_floors(parsed, table)
+            finally:
+                await conn.execute(text(f"DROP TABLE {table}"))
                 await conn.commit()
-
-            async def sa_select() -> None:
-                await conn.execute(text("SELECT 1"))
-
-            sa_insert_rate = await _measure(sa_insert)
-            await conn.rollback()
-            sa_select_rate = await _measure(sa_select)
     finally:
         await engine.dispose()
-
-    if parsed.get_backend_name() == "sqlite":
-        raw = await aiosqlite.connect(parsed.database or ":memory:")
-        try:
-            await raw.execute("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)")
-
-            async def raw_insert() -> None:
-                await raw.execute("INSERT INTO ordering_bench_floor VALUES (1)")
-                await raw.commit()
-
-            async def raw_select() -> None:
-                await (await raw.execute("SELECT 1")).fetchall()
-
-            raw_insert_rate = await _measure(raw_insert)
-            raw_select_rate = await _measure(raw_select)
-        finally:
-            await raw.close()
-    else:
-        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-        pg = await asyncpg.connect(dsn)
-        try:
-            await pg.execute("CREATE TEMP TABLE ordering_bench_floor (n INTEGER)")
-
-            async def pg_insert() -> None:
-                await pg.execute("INSERT INTO ordering_bench_floor VALUES (1)")
-
-            async def pg_select() -> None:
-                await pg.fetchval("SELECT 1")
-
-            raw_insert_rate = await _measure(pg_insert)
-            raw_select_rate = await _measure(pg_select)
-        finally:
-            await pg.close()
     return Floors(
         raw_insert_commit=raw_insert_rate,
         raw_select_1=raw_select_rate,
         sqlalchemy_insert_commit=sa_insert_rate,
         sqlalchemy_select_1=sa_select_rate,
     )
+
+
+async def _raw_floors(parsed: Any, table: str) -> tuple[float, float]:
+    """The floors through the driver itself (aiosqlite or asyncpg), on the same table."""
+    if parsed.get_backend_name() == "sqlite":
+        raw = await aiosqlite.connect(parsed.database or ":memory:")
+        try:
+            await raw.execute("PRAGMA journal_mode=WAL")
+            await raw.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections
+
+            async def raw_insert() -> None:
+                await raw.execute(f"INSERT INTO {table} VALUES (1)")
+                await raw.commit()
+
+            async def raw_select() -> None:
+                await (await raw.execute("SELECT 1")).fetchall()
+
+            return await _measure(raw_insert), await _measure(raw_select)
+        finally:
+            await raw.close()
+    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    pg = await asyncpg.connect(dsn)
+    try:
+
+        async def pg_insert() -> None:
+            await pg.execute(f"INSERT INTO {table} VALUES (1)")
+
+        async def pg_select() -> None:
+            await pg.fetchval("SELECT 1")
+
+        return await _measure(pg_insert), await _measure(pg_select)
+    finally:
+        await pg.close()
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering_sql.errors import (
     ClosedError,
@@ -46,7 +46,7 @@ from ordering_sql.errors import (
 from ordering_sql.models import EventLike, HasId, ReceivedEvent, utc_now
 from ordering_sql.schema import SCOPE_LENGTH
 from ordering_sql.settings import Durations, Settings, mask_url
-from ordering_sql.store import Store, acquire_store, release_store
+from ordering_sql.store import Connection, Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
 __all__ = ["Batch", "CausalOrdering", "EventHandler"]
@@ -276,7 +276,7 @@ class CausalOrdering(Generic[E]):
                 self._params(event.id, now=self._now(), owner=token),
             )
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             await conn.execute(query, release)
 
         await db.step(work, action="forget_event_is_processing")
@@ -289,7 +289,7 @@ class CausalOrdering(Generic[E]):
         db = await self._db()
         token = uuid4()
 
-        async def work(conn: AsyncConnection) -> _Lease | None:
+        async def work(conn: Connection) -> _Lease | None:
             now = self._now()
             lease = self._params(
                 event_id,
@@ -310,7 +310,7 @@ class CausalOrdering(Generic[E]):
         """End the lease held by ``token``; a no-op if it was taken over meanwhile."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             release = self._params(event_id, owner=token, now=self._now())
             await conn.execute(db.queries.release, release)
 
@@ -338,7 +338,7 @@ class CausalOrdering(Generic[E]):
     async def record_event_as_seen(self, event: EventLike) -> None:
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             seen_until = self._now() + self.durations.seen
             await conn.execute(db.queries.mark_seen, self._params(event.id, seen_until=seen_until))
 
@@ -348,7 +348,7 @@ class CausalOrdering(Generic[E]):
         """Whether ``event_id`` is seen, and whether it is being processed, right now."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> _Marks:
+        async def work(conn: Connection) -> _Marks:
             row = (await conn.execute(db.queries.marks, self._params(event_id))).first()
             now = self._now()
             return _Marks.at(now, *(row or (None, None)))
@@ -364,7 +364,7 @@ class CausalOrdering(Generic[E]):
             raise ConfigurationError(msg)
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             values = self._follower_params(event, now=self._now(), owner=None)
             await db.queries.park(conn, values, unless_leader_seen=False)
 
@@ -389,7 +389,7 @@ class CausalOrdering(Generic[E]):
     async def forget_follower(self, follower: EventLike) -> None:
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             await conn.execute(db.queries.forget_follower, self._params(follower.id))
 
         await db.step(work, action="forget_follower")
@@ -398,7 +398,7 @@ class CausalOrdering(Generic[E]):
         """The events waiting for ``leader``, in ``occurred`` order."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> list[E]:
+        async def work(conn: Connection) -> list[E]:
             query_params = self._params(leader_id=_event_id(leader))
             return self._load(await conn.execute(db.queries.followers_of, query_params))
 
@@ -411,8 +411,8 @@ class CausalOrdering(Generic[E]):
             return []
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> list[E]:
-            query_params = self._params(ids=ids)
+        async def work(conn: Connection) -> list[E]:
+            query_params = self._params(ids=db.queries.bind_ids(ids))
             return self._load(await conn.execute(db.queries.followers_by_id, query_params))
 
         return await db.read(work, action="followers_by_id")
@@ -426,7 +426,7 @@ class CausalOrdering(Generic[E]):
         """
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> list[Any]:
+        async def work(conn: Connection) -> list[Any]:
             now = self._now()
             horizon = now - self.durations.preceding_event_lookback
             # A leader seen at least a claim timeout ago: its seen mark ends later than this.
@@ -442,7 +442,7 @@ class CausalOrdering(Generic[E]):
         """Forget everything of this scope."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             await conn.execute(db.queries.clear_followers, self._params())
             await conn.execute(db.queries.clear_events, self._params())
 
@@ -453,7 +453,7 @@ class CausalOrdering(Generic[E]):
         """Forget everything of every scope in this instance's database."""
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             await conn.execute(db.queries.clear_all_followers)
             await conn.execute(db.queries.clear_all_events)
 
@@ -558,7 +558,7 @@ class CausalOrdering(Generic[E]):
         else:
             query, ids = db.queries.renew_many, self._params(ids=db.dialect.bind_ids(event_ids))
 
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: Connection) -> bool:
             until = self._now() + self.durations.lease
             return bool(
                 (
@@ -658,7 +658,7 @@ class CausalOrdering(Generic[E]):
         assert event.follows is not None
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: Connection) -> bool:
             now = self._now()
             values = self._follower_params(event, now=now, owner=token)
             if await db.queries.park(conn, values, unless_leader_seen=True):
@@ -669,9 +669,7 @@ class CausalOrdering(Generic[E]):
 
         return await db.step(work, action="park_follower")
 
-    async def _still_holds(
-        self, db: Store, conn: AsyncConnection, event_id: UUID, token: UUID
-    ) -> bool:
+    async def _still_holds(self, db: Store, conn: Connection, event_id: UUID, token: UUID) -> bool:
         """Renew the lease of ``token``; False if another worker holds the event now.
 
         Needed where a retried ``_park`` finds the leader done: if the first attempt did commit
@@ -694,7 +692,7 @@ class CausalOrdering(Generic[E]):
         """
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> list[Any]:
+        async def work(conn: Connection) -> list[Any]:
             now = self._now()
             values = self._params(
                 event.id,
@@ -833,7 +831,7 @@ class CausalOrdering(Generic[E]):
         db = await self._db()
         bind = db.dialect.bind_ids
 
-        async def work(conn: AsyncConnection) -> tuple[set[UUID], dict[UUID, _Marks]]:
+        async def work(conn: Connection) -> tuple[set[UUID], dict[UUID, _Marks]]:
             now = self._now()
             # Sorted: concurrent batches then lock their rows in one order, so two batches
             # sharing events cannot deadlock (Postgres locks in the order rows are inserted).
@@ -939,7 +937,7 @@ class CausalOrdering(Generic[E]):
         # As _release_after_failure: the caller must see the body's error; leases expire anyway.
         db = await self._db()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: Connection) -> None:
             release = self._params(owner=token, now=self._now(), ids=db.dialect.bind_ids(ids))
             await conn.execute(db.queries.release_many, release)
 
@@ -968,7 +966,7 @@ class CausalOrdering(Generic[E]):
         ids = [cast("EventLike", event).id for event in batch.ready]
         ordered = sorted(ids)  # one lock order for every batch, as in _acquire_batch
 
-        async def work(conn: AsyncConnection) -> tuple[set[Any], list[Any]]:
+        async def work(conn: Connection) -> tuple[set[Any], list[Any]]:
             now = self._now()
             values = self._params(
                 owner=token,

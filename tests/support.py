@@ -111,13 +111,21 @@ def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
         if not _autocommit(conn):
             counter.transactions += 1
 
+    def direct(statement: str) -> None:  # Postgres's autocommit units, sent past SQLAlchemy
+        counter.statements.append((statement.split()[0], True))
+
+    direct_path = ordering._store._direct
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "commit", on_commit)
+    if direct_path is not None:
+        direct_path.listeners.append(direct)
     try:
         yield counter
     finally:
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "commit", on_commit)
+        if direct_path is not None:
+            direct_path.listeners.remove(direct)
 
 
 # -- query plans ---------------------------------------------------------------------------------

@@ -31,9 +31,10 @@ from ordering_sql.errors import (
 from ordering_sql.schema import VERSION_TABLE
 from ordering_sql.settings import Settings, mask_url
 from ordering_sql.store._dialects import Dialect, Failure, dialect_for
+from ordering_sql.store._driver import DRIVER_ERRORS, Connection, DriverConnections
 from ordering_sql.store._queries import Queries, params, queries_for
 
-__all__ = ["Store", "acquire_store", "dispose_engines", "release_store"]
+__all__ = ["Connection", "Store", "acquire_store", "dispose_engines", "release_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,13 @@ class _Transient(Exception):
 
 
 class Store:
-    """One database: its engine, its dialect rules, and its prepared statements."""
+    """One database: its engine, its dialect rules, and its prepared statements.
 
-    def __init__(self, engine: AsyncEngine, *, owns_engine: bool) -> None:
+    ``keep``: how many driver connections to hold between units of work on the direct path
+    (see ``store/_driver.py``); 0 borrows one from the pool for each unit.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool, keep: int = 0) -> None:
         self.engine = engine
         self.owns_engine = owns_engine
         self.dialect: Dialect = dialect_for(engine.dialect.name)
@@ -79,6 +84,9 @@ class Store:
         # database lock and wait up to the busy timeout. A Store belongs to one event loop.
         self._writers: asyncio.Lock | None = asyncio.Lock() if self.dialect.single_writer else None
         self._autocommit_options = self.dialect.autocommit_options()
+        direct = self.dialect.direct_driver is not None
+        direct = direct and engine.dialect.driver == self.dialect.direct_driver
+        self._direct = DriverConnections(engine, keep=keep) if direct else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -88,7 +96,7 @@ class Store:
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
         dialect.configure(engine)
-        return cls(engine, owns_engine=True)
+        return cls(engine, owns_engine=True, keep=settings.pool_size)
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine) -> Store:
@@ -99,16 +107,18 @@ class Store:
 
     async def dispose(self) -> None:
         self.disposed = True
+        if self._direct is not None:
+            await self._direct.close()
         if self.owns_engine:
             await self.engine.dispose()
 
     # -- units of work -------------------------------------------------------------------------
 
-    async def write(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+    async def write(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
         """Run ``work`` in one write transaction, retried as a whole on transient faults."""
         return await self._run(work, action=action, mode=_Mode.TRANSACTION)
 
-    async def step(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+    async def step(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
         """Run ``work`` whose statements are each atomic on their own, retried on faults.
 
         Where the dialect makes every protocol step one statement (Postgres), ``work`` runs in
@@ -117,13 +127,13 @@ class Store:
         """
         return await self._run(work, action=action, mode=_Mode.STEP)
 
-    async def read(self, work: Callable[[AsyncConnection], Awaitable[T]], *, action: str) -> T:
+    async def read(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
         """Run ``work`` on a connection that only reads."""
         return await self._run(work, action=action, mode=_Mode.READ)
 
     async def _run(
         self,
-        work: Callable[[AsyncConnection], Awaitable[T]],
+        work: Callable[[Connection], Awaitable[T]],
         *,
         action: str,
         mode: _Mode,
@@ -179,25 +189,25 @@ class Store:
                 number += 1
 
     @asynccontextmanager
-    async def _connection(self, mode: _Mode) -> AsyncIterator[AsyncConnection]:
+    async def _connection(self, mode: _Mode, *, direct: bool = True) -> AsyncIterator[Connection]:
         """A connection for one unit of work, with driver errors translated.
 
-        This is the one boundary where driver exceptions become ordering-sql exceptions.
+        Autocommit units go to the driver directly where the dialect allows it, unless
+        ``direct`` is False (the unit needs SQLAlchemy's connection). This is the one boundary
+        where driver exceptions become ordering-sql exceptions.
         """
-        autocommit = mode is _Mode.READ or (
-            mode is _Mode.STEP and self.dialect.single_statement_steps
-        )
         try:
-            async with self.engine.connect() as conn:
-                if autocommit:
-                    # No BEGIN/COMMIT round trips: each statement is its own transaction.
-                    yield await conn.execution_options(**self._autocommit_options)
-                    return
-                async with conn.begin():
+            if direct and self._direct is not None and mode is not _Mode.TRANSACTION:
+                # Both READ and STEP units are autocommit on a dialect with a direct driver.
+                assert self.dialect.single_statement_steps
+                async with self._direct.connection() as conn:
                     yield conn
+            else:
+                async with self._sqlalchemy_connection(mode) as sa_conn:
+                    yield sa_conn
         except OrderingError:
             raise
-        except (DBAPIError, OSError, TimeoutError) as exc:
+        except (DBAPIError, OSError, TimeoutError, *DRIVER_ERRORS) as exc:
             failure = self.dialect.classify(exc)
             if failure is Failure.RETRYABLE:
                 raise _Transient from exc
@@ -206,6 +216,19 @@ class Store:
                 raise DatabaseUnavailableError(msg, url=self.url) from exc
             msg = f"Database {self.url!r} failed: {_describe(exc)}"
             raise StoreError(msg, url=self.url) from exc
+
+    @asynccontextmanager
+    async def _sqlalchemy_connection(self, mode: _Mode) -> AsyncIterator[AsyncConnection]:
+        autocommit = mode is _Mode.READ or (
+            mode is _Mode.STEP and self.dialect.single_statement_steps
+        )
+        async with self.engine.connect() as conn:
+            if autocommit:
+                # No BEGIN/COMMIT round trips: each statement is its own transaction.
+                yield await conn.execution_options(**self._autocommit_options)
+                return
+            async with conn.begin():
+                yield conn
 
     # -- schema readiness ----------------------------------------------------------------------
 
@@ -243,7 +266,7 @@ class Store:
         """Delete at most ``limit`` event rows whose marks all expired; how many went."""
         query, values = self.queries.purge_events, params(now=now, limit=limit)
 
-        async def work(conn: AsyncConnection) -> int:
+        async def work(conn: Connection) -> int:
             return int((await conn.execute(query, values)).rowcount)
 
         return await self.step(work, action="purge")
@@ -275,6 +298,7 @@ class Store:
 
         async def attempt() -> None:
             async with self._connection(_Mode.TRANSACTION) as conn:
+                assert isinstance(conn, AsyncConnection)  # transactions are SQLAlchemy's
                 await migration.run_upgrade(conn, self.dialect, revision)
 
         self._check_reachable()
@@ -288,7 +312,8 @@ class Store:
             raise DatabaseUnavailableError(msg, url=self.url)
 
     async def _current_revision(self) -> str | None:
-        async with self._connection(_Mode.READ) as conn:
+        async with self._connection(_Mode.READ, direct=False) as conn:
+            assert isinstance(conn, AsyncConnection)
             return await conn.run_sync(_read_revision)
 
     async def _with_retries(self, step: Callable[[], Awaitable[T]]) -> T:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import Connection, Select, String, Uuid, any_, bindparam, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
@@ -50,6 +51,9 @@ class Dialect(Protocol):
     #: Whether a step that changes several tables can be one statement (data-modifying common
     #: table expressions); such steps are then sent in autocommit, one round trip each.
     single_statement_steps: ClassVar[bool]
+    #: The driver whose connections may run the autocommit units directly, past SQLAlchemy's
+    #: execution layer (``store/_driver.py``); None where every unit goes through SQLAlchemy.
+    direct_driver: ClassVar[str | None]
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
@@ -99,6 +103,7 @@ class SqliteDialect:
     migrates_on_first_use: ClassVar[bool] = True
     single_writer: ClassVar[bool] = True
     single_statement_steps: ClassVar[bool] = False
+    direct_driver: ClassVar[str | None] = None
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
@@ -209,6 +214,7 @@ class PostgresDialect:
     migrates_on_first_use: ClassVar[bool] = False
     single_writer: ClassVar[bool] = False
     single_statement_steps: ClassVar[bool] = True
+    direct_driver: ClassVar[str | None] = "asyncpg"
 
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         return {
@@ -255,8 +261,12 @@ class PostgresDialect:
             return Failure.UNAVAILABLE
         if code in _PG_RETRYABLE or (isinstance(code, str) and code.startswith("08")):
             return Failure.RETRYABLE  # class 08: connection exception
-        if isinstance(orig, OSError | TimeoutError):
-            return Failure.RETRYABLE  # refused or reset while the server restarts
+        if isinstance(
+            orig, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+        ):
+            # Refused, reset or closed while the server restarts; or a connection that an
+            # earlier failure left mid-operation (it is discarded, the retry takes another).
+            return Failure.RETRYABLE
         return Failure.OTHER
 
 

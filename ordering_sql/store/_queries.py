@@ -53,10 +53,10 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy import update as sa_update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql.schema import UtcDateTime, events, followers
 from ordering_sql.store._dialects import dialect_for
+from ordering_sql.store._driver import Connection
 
 __all__ = ["Queries", "params", "queries_for"]
 
@@ -201,7 +201,7 @@ class Queries:
     # -- the two multi-row steps --------------------------------------------------------------
 
     async def complete(
-        self, conn: AsyncConnection, values: dict[str, Any], *, claim: bool
+        self, conn: Connection, values: dict[str, Any], *, claim: bool
     ) -> list[Row[Any]] | None:
         """Mark done, forget the own parked row, and (with ``claim``) claim the followers.
 
@@ -231,7 +231,7 @@ class Queries:
         return claimed
 
     async def complete_many(
-        self, conn: AsyncConnection, values: dict[str, Any]
+        self, conn: Connection, values: dict[str, Any]
     ) -> tuple[set[Any], list[Row[Any]]]:
         """Complete the events of ``ids`` that ``owner`` still holds, and claim their followers.
 
@@ -261,7 +261,7 @@ class Queries:
         return done, claimed
 
     async def park(
-        self, conn: AsyncConnection, values: dict[str, Any], *, unless_leader_seen: bool
+        self, conn: Connection, values: dict[str, Any], *, unless_leader_seen: bool
     ) -> bool:
         """Store a follower and flag its leader; False (and nothing parked) if the leader is seen.
 
@@ -421,7 +421,7 @@ def queries_for(dialect_name: str) -> Queries:
     )
     followers_by_id = (
         select(followers.c.event)
-        .where(in_scope, followers.c.follower_id.in_(_p("ids", expanding=True)))
+        .where(in_scope, dialect.in_ids(followers.c.follower_id, "ids"))
         .order_by(followers.c.occurred, followers.c.follower_id)
     )
 

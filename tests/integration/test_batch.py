@@ -569,6 +569,7 @@ async def _counted_batch(
         batch = await consumer.deliver(events)
     assert len(batch.ready) == len({e.id for e in events}), batch
     assert consumer.replayed == []
+    assert counter.statements, "no statement was counted"
     return counter, batch
 
 

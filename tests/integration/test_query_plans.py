@@ -89,7 +89,10 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
             q.followers_of,
             params(scope=scope, leader_id=event_id),
         ),
-        "followers by id": (q.followers_by_id, params(scope=scope, ids=[uuid4(), uuid4()])),
+        "followers by id": (
+            q.followers_by_id,
+            params(scope=scope, ids=q.bind_ids([uuid4(), uuid4()])),
+        ),
         "lost-follower sweep": (
             q.take_lost,
             params(scope=scope, now=NOW, horizon=NOW, seen_cutoff=NOW),

@@ -33,6 +33,8 @@ async def _handle(ordering: CausalOrdering[Any], event: Any, handled: list[Any])
 def _budget(ordering: CausalOrdering[Any], counter: Counter) -> int:
     """Round trips on a network database; units of work on SQLite."""
     assert ordering._store is not None
+    # A budget is only as good as the counter: every path must be seen (Postgres's direct one too).
+    assert counter.statements, "no statement was counted"
     return counter.round_trips if ordering._store.queries.single_statement_steps else counter.units
 
 

@@ -1,0 +1,261 @@
+"""Postgres's direct path: autocommit units sent to asyncpg past SQLAlchemy (``store/_driver.py``).
+
+The rest of the suite runs every engine behaviour through it on Postgres. Here: that it returns
+what SQLAlchemy returns, and that its connections are handled as carefully as the pool's own:
+given back after a unit that raised, kept after a statement the server refused, retired after
+a cancelled statement or a terminated session, never hoarded from a host application's pool,
+and leaving room in the pool for the units SQLAlchemy still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import Integer, cast, func, literal, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from ordering_sql import CausalOrdering, LeaseLostError, StoreError, dispose_engines
+from ordering_sql.settings import ENV_POOL_SIZE
+from ordering_sql.store import Connection, Store
+from ordering_sql.store._driver import DriverConnection
+from ordering_sql.store._queries import params
+from tests.support import Clock, make_event
+
+pytestmark = pytest.mark.postgres
+
+BACKEND_PID = select(func.pg_backend_pid())
+
+
+@pytest.fixture
+async def ordering(postgres_url: str, clock: Clock) -> AsyncIterator[CausalOrdering[Any]]:
+    ordering: CausalOrdering[Any] = CausalOrdering("direct", database_url=postgres_url, clock=clock)
+    await ordering.check()
+    yield ordering
+    await ordering.close()
+    await dispose_engines()
+
+
+async def _store(ordering: CausalOrdering[Any]) -> Store:
+    store = await ordering._db()
+    assert store._direct is not None, "Postgres over asyncpg takes the direct path"
+    return store
+
+
+async def _pid(store: Store) -> int:
+    async def work(conn: Connection) -> int:
+        assert isinstance(conn, DriverConnection)
+        return int((await conn.execute(BACKEND_PID)).scalar_one())
+
+    return await store.read(work, action="test")
+
+
+async def test_reads_return_what_sqlalchemy_returns(ordering: CausalOrdering[Any]) -> None:
+    leader = make_event()
+    followers = [make_event(follows=leader) for _ in range(3)]
+    for follower in followers:
+        await ordering.record_follower(follower)
+    await ordering.record_event_as_seen(make_event())
+    store = await _store(ordering)
+    q, now = store.queries, ordering._now()
+    ids = store.queries.bind_ids([f.id for f in followers])
+    statements = [
+        (q.followers_of, params(scope="direct", leader_id=leader.id)),
+        (q.followers_by_id, params(scope="direct", ids=ids)),
+        (q.marks_many, params(scope="direct", ids=store.queries.bind_ids([leader.id]))),
+        (
+            q.peek_lost,
+            params(
+                scope="direct",
+                now=now + timedelta(hours=1),
+                horizon=now + timedelta(hours=1),
+                seen_cutoff=now,
+            ),
+        ),
+        (q.expired_counts, params(now=now + timedelta(days=1))),
+    ]
+
+    async def direct(conn: Connection) -> list[list[tuple[Any, ...]]]:
+        assert isinstance(conn, DriverConnection)
+        return [[tuple(row) for row in await conn.execute(s, v)] for s, v in statements]
+
+    async with store.engine.connect() as conn:
+        through_sqlalchemy = [
+            [tuple(row) for row in await conn.execute(s, v)] for s, v in statements
+        ]
+    through_driver = await store.read(direct, action="test")
+    assert through_driver == through_sqlalchemy
+    assert [len(rows) for rows in through_driver] == [3, 3, 1, 3, 1]
+
+
+async def test_a_unit_that_raises_gives_its_connection_back(
+    ordering: CausalOrdering[Any], clock: Clock
+) -> None:
+    store = await _store(ordering)
+    first = await _pid(store)
+    event = make_event()
+
+    async def taken_over_while_handled() -> None:
+        async with ordering.preceding_event_confirmed(_no_followers, event):
+            clock.advance(ordering.lease_timeout * 2)
+            assert await ordering.record_event_as_processing(event)  # another holder takes over
+
+    with pytest.raises(LeaseLostError):
+        await taken_over_while_handled()
+    assert await _pid(store) == first
+    assert _checked_out(store.engine) == 1, "the one kept connection, and no other"
+
+
+async def test_a_refused_statement_keeps_the_connection(ordering: CausalOrdering[Any]) -> None:
+    store = await _store(ordering)
+    first = await _pid(store)
+
+    async def divide_by_zero(conn: Connection) -> None:
+        await conn.execute(select(cast(literal(1) / literal(0), Integer)))
+
+    with pytest.raises(StoreError, match="DivisionByZeroError"):
+        await store.step(divide_by_zero, action="test")
+    assert await _pid(store) == first
+    assert not await ordering.event_has_been_seen(make_event())
+
+
+async def test_a_cancelled_statement_retires_its_connection(
+    ordering: CausalOrdering[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await _store(ordering)
+    first = await _pid(store)
+
+    async def sleep(conn: Connection) -> None:
+        await conn.execute(select(func.pg_sleep(30)))
+
+    task = asyncio.create_task(store.read(sleep, action="test"))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Left mid-statement, that connection is never handed out again; the next unit gets a
+    # fresh one and runs at once.
+    second = await asyncio.wait_for(_pid(store), timeout=5)
+    assert second != first
+    assert not await ordering.event_has_been_seen(make_event())
+    assert "transient database fault" not in caplog.text, "a broken connection was handed out"
+
+
+async def test_terminated_sessions_are_replaced(
+    ordering: CausalOrdering[Any], postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await _store(ordering)
+    # Several kept connections: as many units at once.
+    pids = set(await asyncio.gather(*(_pid_after_a_while(store) for _ in range(4))))
+    assert len(pids) == 4
+    await _terminate(postgres_url, pids)
+    for _ in range(6):  # every kept connection is dead now; none may reach a caller
+        assert not await ordering.event_has_been_seen(make_event())
+    assert "transient database fault" in caplog.text
+    assert not pids & set(await asyncio.gather(*(_pid_after_a_while(store) for _ in range(4))))
+
+
+async def test_a_host_engine_lends_its_connections_per_unit(postgres_url: str) -> None:
+    engine = create_async_engine(postgres_url)
+    ordering: CausalOrdering[Any] = CausalOrdering("host", engine=engine)
+    try:
+        store = await _store(ordering)
+        async with ordering.preceding_event_confirmed(_no_followers, make_event()):
+            pass
+        await asyncio.gather(*(_pid_after_a_while(store) for _ in range(3)))
+        assert _checked_out(engine) == 0, "a host application's pool is never drained"
+    finally:
+        await ordering.close()
+        await engine.dispose()
+
+
+async def test_kept_connections_leave_the_pool_room_for_sqlalchemy_units(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_POOL_SIZE, "1")  # one kept connection, one more in the pool
+    ordering: CausalOrdering[Any] = CausalOrdering("room", database_url=postgres_url)
+    try:
+        store = await _store(ordering)
+        await asyncio.gather(*(_pid_after_a_while(store) for _ in range(3)))
+        assert _checked_out(store.engine) == 1
+        # ``clear`` is a transaction, so SQLAlchemy's: it must find a connection at once.
+        await asyncio.wait_for(ordering.clear(), timeout=5)
+        await asyncio.wait_for(_concurrent_transactions_and_steps(ordering), timeout=20)
+    finally:
+        await ordering.close()
+        await dispose_engines()
+
+
+async def test_closing_gives_every_kept_connection_back(postgres_url: str) -> None:
+    ordering: CausalOrdering[Any] = CausalOrdering("closing", database_url=postgres_url)
+    store = await _store(ordering)
+    pids = set(await asyncio.gather(*(_pid_after_a_while(store) for _ in range(3))))
+    await ordering.close()  # the last user of the shared Store: its engine is disposed
+    assert _checked_out(store.engine) == 0
+    for _ in range(50):
+        if not pids & await _live_pids(postgres_url):
+            break
+        await asyncio.sleep(0.1)
+    assert not pids & await _live_pids(postgres_url), "sessions were left open"
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+async def _no_followers(_event: Any, _depth: int = 0) -> None:
+    msg = "no follower was parked"
+    raise AssertionError(msg)
+
+
+async def _pid_after_a_while(store: Store) -> int:
+    """The backend that served a unit which held its connection a moment (so units overlap)."""
+
+    async def work(conn: Connection) -> int:
+        pid = int((await conn.execute(BACKEND_PID)).scalar_one())
+        await conn.execute(select(func.pg_sleep(0.05)))
+        return pid
+
+    return await store.read(work, action="test")
+
+
+async def _concurrent_transactions_and_steps(ordering: CausalOrdering[Any]) -> None:
+    async def handle() -> None:
+        async with ordering.preceding_event_confirmed(_no_followers, make_event()):
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(handle() for _ in range(6)), *(ordering.clear() for _ in range(3)))
+
+
+def _checked_out(engine: AsyncEngine) -> int:
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _terminate(url: str, pids: set[int]) -> None:
+    conn = await asyncpg.connect(_dsn(url))
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", sorted(pids)
+        )
+    finally:
+        await conn.close()
+
+
+async def _live_pids(url: str) -> set[int]:
+    conn = await asyncpg.connect(_dsn(url))
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        return {int(row["pid"]) for row in rows}
+    finally:
+        await conn.close()
