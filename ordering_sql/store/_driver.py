@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import asyncpg
 from sqlalchemy.engine import Dialect as SqlDialect
@@ -46,7 +46,7 @@ __all__ = ["DRIVER_ERRORS", "Connection", "DriverConnection", "DriverConnections
 #: a connection found in the middle of an operation that an earlier failure broke off.
 DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
-#: How many compiled statements a Store keeps. The engine has about thirty; the operator
+#: How many compiled statements are kept per dialect. The engine has about thirty; the operator
 #: commands build a few more per call.
 _PLAN_CACHE_SIZE: Final = 256
 
@@ -181,15 +181,27 @@ def _row_count(status: str) -> int:
 
 
 class _Plans:
-    """Compiled statements of one engine, by statement object (statements are built once)."""
+    """Compiled statements of one engine's dialect, by statement object.
+
+    The engine's statements are built once per process (``queries_for``), so they compile once
+    per process: the cache is shared by every engine of the same dialect and server version
+    (what compiling depends on), and outlives Stores that come and go.
+    """
 
     __slots__ = ("_dialect", "_plans")
 
+    _shared: ClassVar[dict[tuple[Any, ...], dict[ClauseElement, _Plan]]] = {}
+
     def __init__(self, dialect: SqlDialect) -> None:
         self._dialect = dialect
-        self._plans: dict[ClauseElement, _Plan] = {}
+        self._plans: dict[ClauseElement, _Plan] | None = None
 
     def get(self, statement: ClauseElement) -> _Plan:
+        if self._plans is None:
+            # Looked up at the first statement: the dialect knows the server's version only
+            # once the engine has connected, which it has by now.
+            key = (type(self._dialect), getattr(self._dialect, "server_version_info", None))
+            self._plans = self._shared.setdefault(key, {})
         plan = self._plans.get(statement)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
