@@ -232,6 +232,9 @@ class DriverConnections:
         #: Called with the SQL of every statement sent this way, before it is sent: SQLAlchemy's
         #: ``before_cursor_execute`` does not see them (the statement-budget tests listen here).
         self.listeners: list[Callable[[str], None]] = []
+        if engine.echo:  # ``ORDERING_SQL_ECHO``: log these statements where SQLAlchemy logs its own
+            log = engine.sync_engine.logger
+            self.listeners.append(lambda sql: log.info("[direct] %s", sql))
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[DriverConnection]:

@@ -10,6 +10,7 @@ and leaving room in the pool for the units SQLAlchemy still runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from ordering_sql import CausalOrdering, LeaseLostError, StoreError, dispose_engines
-from ordering_sql.settings import ENV_POOL_SIZE
+from ordering_sql.settings import ENV_ECHO, ENV_POOL_SIZE
 from ordering_sql.store import Connection, Store
 from ordering_sql.store._driver import DriverConnection
 from ordering_sql.store._queries import params
@@ -203,6 +204,21 @@ async def test_closing_gives_every_kept_connection_back(postgres_url: str) -> No
             break
         await asyncio.sleep(0.1)
     assert not pids & await _live_pids(postgres_url), "sessions were left open"
+
+
+async def test_echo_logs_the_direct_statements_too(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(ENV_ECHO, "1")
+    ordering: CausalOrdering[Any] = CausalOrdering("echo", database_url=postgres_url)
+    try:
+        await ordering.check()
+        with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
+            await ordering.record_event_as_seen(make_event())
+    finally:
+        await ordering.close()
+        await dispose_engines()
+    assert "[direct] INSERT INTO ordering_events" in caplog.text
 
 
 # -- helpers --------------------------------------------------------------------------------------
