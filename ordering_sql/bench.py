@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import statistics
@@ -45,6 +46,7 @@ from ordering_sql.admin import status
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
+from ordering_sql.schema import events, followers
 from ordering_sql.settings import mask_url, normalize_url
 from ordering_sql.simulation import (
     DeliveryQueue,
@@ -67,12 +69,18 @@ WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 BATCH = 100
 
 
+#: Connections of the parallel floor: as many as W3's workers.
+PARALLEL_FLOOR = 8
+
+
 class Floors(BaseModel):
-    """Operations per second on the same database, one connection, sequential."""
+    """Operations per second on the same database: one connection, sequential, unless named."""
 
     model_config = ConfigDict(frozen=True)
 
     raw_insert_commit: float
+    #: INSERT + COMMIT per second summed over ``PARALLEL_FLOOR`` connections working at once.
+    raw_insert_commit_parallel: float
     raw_select_1: float
     sqlalchemy_insert_commit: float
     sqlalchemy_select_1: float
@@ -237,12 +245,21 @@ async def _processes(
 
 
 async def _leftovers_then_clear(url: str, scope: str) -> int:
-    """Parked followers and live leases left in the run's scope; the scope is then cleared."""
+    """Parked followers and live leases left in the run's scope; the scope is then cleared.
+
+    On Postgres the tables are then vacuumed: a run deletes every row it wrote, and without
+    this the next run would pay for the dead rows (or race autovacuum for them), which a
+    service whose autovacuum keeps up does not.
+    """
     ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
     try:
         store = await ordering._db()
         found = await status(store, now=datetime.now(UTC), scope=scope)
         await ordering.clear()
+        if store.dialect.name == "postgresql":
+            async with store.engine.connect() as conn:
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.execute(text(f"VACUUM ANALYZE {events.name}, {followers.name}"))
         return sum(s.parked + s.processing for s in found)
     finally:
         await ordering.close()
@@ -284,7 +301,7 @@ async def measure_floors(url: str) -> Floors:
                 await conn.rollback()
                 sa_select_rate = await _measure(sa_select)
                 await conn.rollback()
-                raw_insert_rate, raw_select_rate = await _raw_floors(parsed, table)
+                raw_insert_rate, parallel_rate, raw_select_rate = await _raw_floors(parsed, table)
             finally:
                 await conn.execute(text(f"DROP TABLE {table}"))
                 await conn.commit()
@@ -292,43 +309,56 @@ async def measure_floors(url: str) -> Floors:
         await engine.dispose()
     return Floors(
         raw_insert_commit=raw_insert_rate,
+        raw_insert_commit_parallel=parallel_rate,
         raw_select_1=raw_select_rate,
         sqlalchemy_insert_commit=sa_insert_rate,
         sqlalchemy_select_1=sa_select_rate,
     )
 
 
-async def _raw_floors(parsed: Any, table: str) -> tuple[float, float]:
-    """The floors through the driver itself (aiosqlite or asyncpg), on the same table."""
+async def _raw_floors(parsed: Any, table: str) -> tuple[float, float, float]:
+    """The floors through the driver itself (aiosqlite or asyncpg), on the same table.
+
+    Returns INSERT + COMMIT per second on one connection, the same summed over
+    ``PARALLEL_FLOOR`` connections at once (W3's shape: concurrent commits may share a flush
+    to disk), and ``SELECT 1`` per second.
+    """
     if parsed.get_backend_name() == "sqlite":
-        raw = await aiosqlite.connect(parsed.database or ":memory:")
-        try:
+
+        async def connect() -> Any:
+            raw = await aiosqlite.connect(parsed.database or ":memory:", timeout=30)
             await raw.execute("PRAGMA journal_mode=WAL")
             await raw.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections
+            return raw
 
-            async def raw_insert() -> None:
-                await raw.execute(f"INSERT INTO {table} VALUES (1)")
-                await raw.commit()
+        async def insert(raw: Any) -> None:
+            await raw.execute(f"INSERT INTO {table} VALUES (1)")
+            await raw.commit()
 
-            async def raw_select() -> None:
-                await (await raw.execute("SELECT 1")).fetchall()
+        async def select_1(raw: Any) -> None:
+            await (await raw.execute("SELECT 1")).fetchall()
 
-            return await _measure(raw_insert), await _measure(raw_select)
-        finally:
-            await raw.close()
-    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    pg = await asyncpg.connect(dsn)
+    else:
+        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        async def connect() -> Any:
+            return await asyncpg.connect(dsn)
+
+        async def insert(raw: Any) -> None:
+            await raw.execute(f"INSERT INTO {table} VALUES (1)")
+
+        async def select_1(raw: Any) -> None:
+            await raw.fetchval("SELECT 1")
+
+    connections = [await connect() for _ in range(PARALLEL_FLOOR)]
     try:
-
-        async def pg_insert() -> None:
-            await pg.execute(f"INSERT INTO {table} VALUES (1)")
-
-        async def pg_select() -> None:
-            await pg.fetchval("SELECT 1")
-
-        return await _measure(pg_insert), await _measure(pg_select)
+        first = connections[0]
+        single = await _measure(lambda: insert(first))
+        rates = await asyncio.gather(*(_measure(functools.partial(insert, c)) for c in connections))
+        return single, sum(rates), await _measure(lambda: select_1(first))
     finally:
-        await pg.close()
+        for raw in connections:
+            await raw.close()
 
 
 def _percentile(values: list[float], q: float) -> float | None:

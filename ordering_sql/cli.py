@@ -384,10 +384,14 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def _print_bench(report: BenchReport) -> None:
+    from ordering_sql.bench import PARALLEL_FLOOR
+
     for backend, f in report.floors.items():
         print(
-            f"{backend} floors (per s): raw INSERT+COMMIT {f.raw_insert_commit:,.0f}, raw SELECT 1 "
-            f"{f.raw_select_1:,.0f}, SQLAlchemy INSERT+COMMIT {f.sqlalchemy_insert_commit:,.0f}, "
+            f"{backend} floors (per s): raw INSERT+COMMIT {f.raw_insert_commit:,.0f} "
+            f"({f.raw_insert_commit_parallel:,.0f} over {PARALLEL_FLOOR} connections), "
+            f"raw SELECT 1 {f.raw_select_1:,.0f}, "
+            f"SQLAlchemy INSERT+COMMIT {f.sqlalchemy_insert_commit:,.0f}, "
             f"SQLAlchemy SELECT 1 {f.sqlalchemy_select_1:,.0f}; two-statement floor "
             f"{f.two_statement:,.0f} events/s"
         )
