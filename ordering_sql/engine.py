@@ -45,7 +45,7 @@ from ordering_sql.errors import (
 )
 from ordering_sql.models import EventLike, HasId, ReceivedEvent, utc_now
 from ordering_sql.schema import SCOPE_LENGTH
-from ordering_sql.settings import Durations, Settings, mask_url
+from ordering_sql.settings import Durations, Settings, direct_driver_enabled, mask_url
 from ordering_sql.store import Connection, Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
@@ -222,7 +222,7 @@ class CausalOrdering(Generic[E]):
         if store is not None and not store.disposed and store_loop and store_loop() is loop:
             return store
         if self._engine is not None:
-            store = Store.from_engine(self._engine)
+            store = Store.from_engine(self._engine, direct=direct_driver_enabled())
         else:
             assert self._settings is not None
             store = await acquire_store(self._settings)

@@ -46,6 +46,7 @@ ENV_DATABASE_URL: Final = "ORDERING_SQL_DATABASE_URL"
 ENV_POOL_SIZE: Final = "ORDERING_SQL_POOL_SIZE"
 ENV_BUSY_TIMEOUT: Final = "ORDERING_SQL_BUSY_TIMEOUT"
 ENV_ECHO: Final = "ORDERING_SQL_ECHO"
+ENV_DIRECT_DRIVER: Final = "ORDERING_SQL_DIRECT_DRIVER"
 
 _DRIVERS: Final = {
     "sqlite": "sqlite+aiosqlite",
@@ -161,6 +162,9 @@ class Settings(BaseModel):
     busy_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     echo: bool = False
+    #: Send the engine's autocommit statements to asyncpg directly (``store/_driver.py``);
+    #: off, every statement goes through SQLAlchemy (and its events, for instrumentation).
+    direct_driver: bool = True
 
     @classmethod
     def from_env(cls, database_url: str | None = None) -> Settings:
@@ -173,6 +177,7 @@ class Settings(BaseModel):
             ("pool_size", ENV_POOL_SIZE),
             ("busy_timeout_s", ENV_BUSY_TIMEOUT),
             ("echo", ENV_ECHO),
+            ("direct_driver", ENV_DIRECT_DRIVER),
         ):
             if os.environ.get(env):
                 values[key] = os.environ[env]
@@ -186,3 +191,9 @@ class Settings(BaseModel):
     @property
     def url(self) -> URL:
         return normalize_url(self.database_url)
+
+
+def direct_driver_enabled() -> bool:
+    """``ORDERING_SQL_DIRECT_DRIVER`` alone: for an engine the application passes in, whose URL
+    and pool are its own."""
+    return Settings.from_env(DEFAULT_DATABASE_URL).direct_driver

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from ordering_sql import CausalOrdering, dispose_engines, migrate
+from ordering_sql.settings import ENV_DIRECT_DRIVER
 from tests.support import Clock
 
 PG_ENV = "ORDERING_SQL_TEST_POSTGRES_URL"
@@ -125,9 +126,24 @@ async def sqlite_url(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[str
     await dispose_engines()
 
 
-@pytest.fixture(params=BACKENDS)
+#: The engine's own tests also run on Postgres with every statement through SQLAlchemy
+#: (``ORDERING_SQL_DIRECT_DRIVER=0``), the path that instrumented applications and other
+#: Postgres drivers take.
+ENGINE_BACKENDS = [
+    *BACKENDS,
+    pytest.param("postgres_sqlalchemy", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def postgres_sqlalchemy_url(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(ENV_DIRECT_DRIVER, "0")
+    return postgres_url
 
 
 @pytest.fixture

@@ -64,11 +64,14 @@ class _Transient(Exception):
 class Store:
     """One database: its engine, its dialect rules, and its prepared statements.
 
-    ``keep``: how many driver connections to hold between units of work on the direct path
-    (see ``store/_driver.py``); 0 borrows one from the pool for each unit.
+    ``direct``: send the autocommit units to the driver directly where the dialect has such a
+    path (see ``store/_driver.py``); ``keep``: how many driver connections that path holds
+    between units of work (0 borrows one from the pool for each unit).
     """
 
-    def __init__(self, engine: AsyncEngine, *, owns_engine: bool, keep: int = 0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, owns_engine: bool, direct: bool = True, keep: int = 0
+    ) -> None:
         self.engine = engine
         self.owns_engine = owns_engine
         self.dialect: Dialect = dialect_for(engine.dialect.name)
@@ -84,7 +87,6 @@ class Store:
         # database lock and wait up to the busy timeout. A Store belongs to one event loop.
         self._writers: asyncio.Lock | None = asyncio.Lock() if self.dialect.single_writer else None
         self._autocommit_options = self.dialect.autocommit_options()
-        direct = self.dialect.direct_driver is not None
         direct = direct and engine.dialect.driver == self.dialect.direct_driver
         self._direct = DriverConnections(engine, keep=keep) if direct else None
 
@@ -96,12 +98,12 @@ class Store:
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
         dialect.configure(engine)
-        return cls(engine, owns_engine=True, keep=settings.pool_size)
+        return cls(engine, owns_engine=True, direct=settings.direct_driver, keep=settings.pool_size)
 
     @classmethod
-    def from_engine(cls, engine: AsyncEngine) -> Store:
+    def from_engine(cls, engine: AsyncEngine, *, direct: bool = True) -> Store:
         """Wrap a host application's engine; it is never disposed by us."""
-        store = cls(engine, owns_engine=False)
+        store = cls(engine, owns_engine=False, direct=direct)
         store.dialect.configure(engine)
         return store
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from ordering_sql import CausalOrdering, LeaseLostError, StoreError, dispose_engines
-from ordering_sql.settings import ENV_ECHO, ENV_POOL_SIZE
+from ordering_sql.settings import ENV_DIRECT_DRIVER, ENV_ECHO, ENV_POOL_SIZE
 from ordering_sql.store import Connection, Store
 from ordering_sql.store._driver import DriverConnection
 from ordering_sql.store._queries import params
@@ -219,6 +219,26 @@ async def test_echo_logs_the_direct_statements_too(
         await ordering.close()
         await dispose_engines()
     assert "[direct] INSERT INTO ordering_events" in caplog.text
+
+
+async def test_the_direct_path_can_be_turned_off(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_DIRECT_DRIVER, "0")
+    engine = create_async_engine(postgres_url)
+    own: CausalOrdering[Any] = CausalOrdering("off", database_url=postgres_url)
+    hosted: CausalOrdering[Any] = CausalOrdering("off", engine=engine)
+    try:
+        for ordering in (own, hosted):
+            store = await ordering._db()
+            assert store._direct is None
+            async with ordering.preceding_event_confirmed(_no_followers, make_event()):
+                pass
+    finally:
+        await own.close()
+        await hosted.close()
+        await engine.dispose()
+        await dispose_engines()
 
 
 # -- helpers --------------------------------------------------------------------------------------

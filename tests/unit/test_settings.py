@@ -22,7 +22,13 @@ from ordering_sql import (
     Durations,
     ReceivedEvent,
 )
-from ordering_sql.settings import DEFAULT_DATABASE_URL, Settings, mask_url, normalize_url
+from ordering_sql.settings import (
+    DEFAULT_DATABASE_URL,
+    Settings,
+    direct_driver_enabled,
+    mask_url,
+    normalize_url,
+)
 
 UNREACHABLE_PG = "postgresql+asyncpg://user:s3cr3t-pw@127.0.0.1:1/nowhere"
 
@@ -217,12 +223,23 @@ def test_pool_size_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.from_env().pool_size == 3
 
 
+@pytest.mark.parametrize(("value", "enabled"), [(None, True), ("0", False), ("false", False)])
+def test_direct_driver_from_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, enabled: bool
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("ORDERING_SQL_DIRECT_DRIVER", value)
+    monkeypatch.setenv("ORDERING_SQL_DATABASE_URL", "not a url")  # not needed to read it
+    assert direct_driver_enabled() is enabled
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
         ("ORDERING_SQL_POOL_SIZE", "0"),
         ("ORDERING_SQL_POOL_SIZE", "many"),
         ("ORDERING_SQL_BUSY_TIMEOUT", "-1"),
+        ("ORDERING_SQL_DIRECT_DRIVER", "sometimes"),
     ],
 )
 def test_invalid_environment_setting_is_a_configuration_error(
