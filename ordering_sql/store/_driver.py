@@ -229,6 +229,7 @@ class DriverConnections:
         self._plans = _Plans(engine.dialect)
         self._keep = keep
         self._idle: list[PoolProxiedConnection] = []
+        self._closing = False  # after close(), connections still in use are not kept
         #: Called with the SQL of every statement sent this way, before it is sent: SQLAlchemy's
         #: ``before_cursor_execute`` does not see them (the statement-budget tests listen here).
         self.listeners: list[Callable[[str], None]] = []
@@ -253,7 +254,8 @@ class DriverConnections:
         await self._put_back(pooled)
 
     async def close(self) -> None:
-        """Give every kept connection back to the pool."""
+        """Give every kept connection back to the pool, and the ones in use when they finish."""
+        self._closing = True
         idle, self._idle = self._idle, []
         for pooled in idle:
             await greenlet_spawn(pooled.close)
@@ -264,7 +266,11 @@ class DriverConnections:
         return driver is None or bool(driver.is_closed())
 
     async def _put_back(self, pooled: PoolProxiedConnection) -> None:
-        if len(self._idle) < self._keep:
+        if self._closing:
+            # The engine may be disposed already: its old pool would keep this connection open
+            # until garbage collection. Close it for good instead.
+            await greenlet_spawn(pooled.invalidate)
+        elif len(self._idle) < self._keep:
             self._idle.append(pooled)
         else:
             await greenlet_spawn(pooled.close)

@@ -241,6 +241,24 @@ async def test_the_direct_path_can_be_turned_off(
         await dispose_engines()
 
 
+async def test_a_connection_in_use_at_close_is_given_back_when_its_unit_ends(
+    postgres_url: str,
+) -> None:
+    ordering: CausalOrdering[Any] = CausalOrdering("closing", database_url=postgres_url)
+    await ordering.check()  # so that the unit below is the only user of a connection
+    store = await _store(ordering)
+    unit = asyncio.create_task(_pid_after_a_while(store))
+    await asyncio.sleep(0.01)  # the unit holds its connection now
+    await ordering.close()
+    pid = await unit
+    assert _checked_out(store.engine) == 0
+    for _ in range(50):
+        if pid not in await _live_pids(postgres_url):
+            break
+        await asyncio.sleep(0.1)
+    assert pid not in await _live_pids(postgres_url), "the session was left open"
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 
