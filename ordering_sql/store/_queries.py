@@ -115,6 +115,20 @@ def _take_lease(insert: Any) -> Any:
     )
 
 
+def _end_lease_as_seen(insert: Any) -> Any:
+    """``insert`` (of seen rows) as an upsert that marks each event seen and ends its lease only
+    if the same owner still holds it, or if no row exists: the rule of ``Queries.mark_done``."""
+    return insert.on_conflict_do_update(
+        index_elements=[events.c.scope, events.c.event_id],
+        set_={
+            "lease_until": None,
+            "seen_until": insert.excluded.seen_until,
+            "expires_at": insert.excluded.expires_at,
+        },
+        where=events.c.owner == insert.excluded.owner,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Queries:
     #: Whether multi-row steps are single statements (sent in autocommit), or several
@@ -311,15 +325,7 @@ def queries_for(dialect_name: str) -> Queries:
         seen_until=_p("seen_until"),
         expires_at=_p("seen_until"),
     )
-    mark_done = done_ins.on_conflict_do_update(
-        index_elements=key,
-        set_={
-            "lease_until": None,
-            "seen_until": done_ins.excluded.seen_until,
-            "expires_at": done_ins.excluded.expires_at,
-        },
-        where=events.c.owner == done_ins.excluded.owner,
-    ).returning(events.c.has_followers)
+    mark_done = _end_lease_as_seen(done_ins).returning(events.c.has_followers)
 
     # Without a lease the row lives as long as its seen mark, or is purgeable at once.
     released = {
@@ -513,7 +519,6 @@ def queries_for(dialect_name: str) -> Queries:
 
 def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
     """The statements of the batch API; each takes its event ids as one list parameter."""
-    key = [events.c.scope, events.c.event_id]
     in_scope = events.c.scope == _scope
     ids = dialect.id_list("ids").subquery("ids")
     lease_until = _p("lease_until", type_=UtcDateTime())
@@ -536,15 +541,7 @@ def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
     done_ins = dialect.insert(events).from_select(
         ["scope", "event_id", "owner", "lease_until", "seen_until", "expires_at"], done_rows
     )
-    done_many = done_ins.on_conflict_do_update(
-        index_elements=key,
-        set_={
-            "lease_until": None,
-            "seen_until": done_ins.excluded.seen_until,
-            "expires_at": done_ins.excluded.expires_at,
-        },
-        where=events.c.owner == done_ins.excluded.owner,
-    ).returning(events.c.event_id, events.c.has_followers)
+    done_many = _end_lease_as_seen(done_ins).returning(events.c.event_id, events.c.has_followers)
     followers_in_scope = followers.c.scope == _scope
     unclaimed_or_ours = or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner)
     claim_values = {
