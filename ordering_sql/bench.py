@@ -66,8 +66,6 @@ CHAIN = 5
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 #: W4's batch size.
 BATCH = 100
-
-
 #: Connections of the parallel floor: as many as W3's workers.
 PARALLEL_FLOOR = 8
 

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,6 +214,31 @@ class DeliveryQueue:
         return len(self._ready) + self._delayed
 
 
+def _handler(
+    ordering: CausalOrdering[Any],
+    log: HandledLog,
+    tally: Tally,
+    *,
+    work_seconds: float = 0.0,
+    on_handled: Callable[[], None] | None = None,
+) -> Callable[[ReceivedEvent, int], Awaitable[None]]:
+    """The workers' handler: one event through ``preceding_event_confirmed``, logged and counted;
+    it is also the handler its released followers are replayed through."""
+
+    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        async with ordering.preceding_event_confirmed(handler, event, depth):
+            log.write("start", event.id)
+            if work_seconds:
+                await asyncio.sleep(work_seconds)
+            log.write("end", event.id)
+            tally.handled += 1
+            tally.replayed += depth > 0
+            if on_handled is not None:
+                on_handled()
+
+    return handler
+
+
 async def run_worker(
     ordering: CausalOrdering[Any],
     queue: DeliveryQueue,
@@ -230,17 +255,7 @@ async def run_worker(
     queue to acknowledging it, replays of released followers included).
     """
     tally = Tally()
-
-    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
-        async with ordering.preceding_event_confirmed(handler, event, depth):
-            log.write("start", event.id)
-            if work_seconds:
-                await asyncio.sleep(work_seconds)
-            log.write("end", event.id)
-            tally.handled += 1
-            tally.replayed += depth > 0
-            if on_handled is not None:
-                on_handled()
+    handler = _handler(ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled)
 
     while (event := await queue.get()) is not None:
         began = time.perf_counter()
@@ -249,7 +264,7 @@ async def run_worker(
             tally.duplicates_skipped += 1
         else:
             try:
-                await handler(event)
+                await handler(event, 0)
             except EventArrivedEarly:
                 tally.parked += 1
             except EventBeingProcessed:
@@ -278,14 +293,8 @@ async def run_batch_worker(
     off the queue to acknowledging it).
     """
     tally = Tally()
-
-    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
-        # Followers released by a batch come back one at a time, through the single path.
-        async with ordering.preceding_event_confirmed(handler, event, depth):
-            log.write("start", event.id)
-            log.write("end", event.id)
-            tally.handled += 1
-            tally.replayed += depth > 0
+    # Followers released by a batch come back one at a time, through the single path.
+    handler = _handler(ordering, log, tally)
 
     while deliveries := await queue.get_many(batch_size):
         began = time.perf_counter()
