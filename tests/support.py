@@ -1,19 +1,32 @@
-"""Helpers shared by the test suites: a movable clock, event builders, a statement counter
-and an EXPLAIN collector."""
+"""Helpers shared by the test suites: a movable clock, event builders, a statement counter,
+an EXPLAIN collector, and the environment of child processes."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
 from sqlalchemy import Engine, event
 
 from ordering_sql import CausalOrdering, ReceivedEvent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a worker process a test starts: the test's own, ``ORDERING_SQL_*``
+    settings included (the developer's were removed before the test), with this checkout
+    importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 @dataclass

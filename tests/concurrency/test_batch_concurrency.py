@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import sys
@@ -44,11 +43,10 @@ from ordering_sql.settings import Settings
 from ordering_sql.simulation import HandledLog, Stream, build_stream, check, read_log
 from ordering_sql.store import Store
 from tests.concurrency._batch_worker import BatchWorkerSpec, write_batches
-from tests.support import Clock, chain, make_event
+from tests.support import REPO_ROOT, Clock, chain, child_env, make_event
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Every wait here is bounded by this; nothing should come near it.
 TEST_TIMEOUT_S = 60.0
 #: Past the lookback (15 min) and every claim timeout used here.
@@ -298,8 +296,6 @@ async def _run_doomed(spec: BatchWorkerSpec, folder: Path) -> str:
     """Run the worker process until it kills itself; its stderr."""
     spec_path, stderr = folder / "doomed.json", folder / "doomed.err"
     spec_path.write_text(spec.model_dump_json())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERING_SQL_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     with stderr.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -310,7 +306,7 @@ async def _run_doomed(spec: BatchWorkerSpec, folder: Path) -> str:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=err,
             cwd=str(REPO_ROOT),
-            env=env,
+            env=child_env(),
         )
     try:
         code = await bounded(process.wait())

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -57,11 +56,10 @@ from ordering_sql.simulation import (
 from ordering_sql.store import Store
 from tests.concurrency._proc_worker import WorkerProcessSpec
 from tests.conftest import _asyncpg_dsn
-from tests.support import make_event
+from tests.support import REPO_ROOT, child_env, make_event
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The longest any child process may run before it is killed and the test fails.
 CHILD_TIMEOUT_S = 90.0
 #: Past the lookback (15 min) and every claim timeout used here: what is lost then is lost.
@@ -119,12 +117,6 @@ class Child:
         return Tally(**json.loads(self.output().strip().splitlines()[-1]))
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERING_SQL_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 @dataclass
 class Children:
     folder: Path
@@ -152,7 +144,7 @@ class Children:
                 stdout=pipe if stepped else handles[0],
                 stderr=handles[1],
                 cwd=str(REPO_ROOT),
-                env=_child_env(),
+                env=child_env(),
             )
         finally:
             for handle in handles:

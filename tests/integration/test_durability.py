@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta, timezone
@@ -30,11 +29,10 @@ from ordering_sql import (
     Resource,
 )
 from tests.conftest import OrderingFactory, _asyncpg_dsn
-from tests.support import Clock, make_event
+from tests.support import REPO_ROOT, Clock, child_env, make_event
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("_child.py")
 TEST_TIMEOUT_S = 30.0
 CHILD_TIMEOUT_S = 60.0
@@ -352,8 +350,6 @@ async def test_instance_used_after_a_restart_gives_its_connections_back_on_close
 
 async def run_child(database_url: str, now: datetime, actions: list[dict[str, Any]]) -> list[Any]:
     """Run ``_child.py`` in a new interpreter on the same database; its results."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(CHILD),
@@ -363,7 +359,7 @@ async def run_child(database_url: str, now: datetime, actions: list[dict[str, An
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=str(REPO_ROOT),
-        env=env,
+        env=child_env(),
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=CHILD_TIMEOUT_S)
