@@ -14,6 +14,8 @@ from prefect.server.events import ordering as prefect_ordering
 from prefect.server.events import triggers
 from prefect.server.events.schemas.events import ReceivedEvent
 from prefect.server.utilities.messaging.memory import MemoryMessage
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 #: For ``triggers.consumer(periodic_granularity=NO_SWEEP)``: its periodic evaluation runs once at
 #: the start, then not again during a test, so a follower evaluated in a test was released by its
@@ -120,3 +122,14 @@ def message(event: ReceivedEvent) -> MemoryMessage:
         data=event.model_dump_json().encode(),
         attributes={"id": str(event.id), "event": event.event},
     )
+
+
+async def schema_versions(database_url: str) -> list[tuple[Any, ...]]:
+    """Every row of ordering-sql's own version table."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT * FROM ordering_sql_version"))).all()
+    finally:
+        await engine.dispose()
+    return [tuple(row) for row in rows]

@@ -21,14 +21,12 @@ import pytest
 from prefect.server.events.ordering import get_triggers_causal_ordering
 from prefect.server.events.schemas.events import ReceivedEvent
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 import ordering_sql
 import ordering_sql.prefect
 from ordering_sql.migration import head_revision
 from tests.conftest import BACKENDS
-from tests.prefect.support import make_event
+from tests.prefect.support import make_event, schema_versions
 
 OURS = {"ordering_events", "ordering_followers", "ordering_sql_version"}
 
@@ -172,10 +170,4 @@ async def test_instances_starting_together_migrate_an_empty_database_once(
         await ordering.close()
         await ordering_sql.dispose_engines()
 
-    engine = create_async_engine(empty_database)
-    try:
-        async with engine.connect() as conn:
-            versions = (await conn.execute(text("SELECT * FROM ordering_sql_version"))).all()
-    finally:
-        await engine.dispose()
-    assert [tuple(row) for row in versions] == [(head_revision(),)]
+    assert await schema_versions(empty_database) == [(head_revision(),)]

@@ -23,14 +23,12 @@ import anyio
 import pytest
 from prefect.server.events import triggers
 from prefect.server.events.schemas.events import ReceivedEvent
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 import ordering_sql
 import ordering_sql.prefect
 from ordering_sql.migration import head_revision
 from tests.prefect.conftest import REPO_ROOT, prefect_child_env
-from tests.prefect.support import make_event, message, triggers_consumer
+from tests.prefect.support import make_event, message, schema_versions, triggers_consumer
 
 CHILD_TIMEOUT_S = 90.0
 #: A follower evaluated later than this after its leader was not released by its leader (the
@@ -160,10 +158,4 @@ async def test_leaders_and_followers_on_two_servers_are_evaluated_in_order(
     await ordering.close()
     await ordering_sql.dispose_engines()
 
-    engine = create_async_engine(empty_postgres_url)
-    try:
-        async with engine.connect() as conn:
-            versions = (await conn.execute(text("SELECT * FROM ordering_sql_version"))).all()
-    finally:
-        await engine.dispose()
-    assert [tuple(row) for row in versions] == [(head_revision(),)]
+    assert await schema_versions(empty_postgres_url) == [(head_revision(),)]
