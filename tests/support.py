@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from sqlalchemy import Engine, event
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql import CausalOrdering, ReceivedEvent
 
@@ -168,3 +169,32 @@ def explained_plans(engine: Engine, dialect_name: str) -> Iterator[list[str]]:
     finally:
         event.remove(engine, "before_cursor_execute", explain)
         event.remove(engine, "after_cursor_execute", collect)
+
+
+@asynccontextmanager
+async def explaining(
+    database_url: str, *, filler: Mapping[str, str] | None = None, rows: int = 0
+) -> AsyncIterator[tuple[AsyncConnection, list[str]]]:
+    """A connection on which every statement is explained instead of run, and its plans.
+
+    On Postgres, sequential scans are priced out: any left in a plan means no index can serve
+    it. ``filler`` first inserts ``rows`` rows into each table (``{"table (columns)": "values
+    SQL"}``) and analyses them, so that the planner chooses as it would in service. Everything
+    is rolled back.
+    """
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            if engine.dialect.name != "sqlite":
+                for table, columns in (filler or {}).items():
+                    await conn.exec_driver_sql(
+                        f"INSERT INTO {table} SELECT {columns} FROM generate_series(1, {rows})"
+                    )
+                if filler:
+                    await conn.exec_driver_sql("ANALYZE ordering_events, ordering_followers")
+                await conn.exec_driver_sql("SET enable_seqscan = off")
+            with explained_plans(engine.sync_engine, engine.dialect.name) as plans:
+                yield conn, plans
+            await conn.rollback()
+    finally:
+        await engine.dispose()

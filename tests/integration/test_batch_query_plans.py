@@ -17,12 +17,14 @@ from uuid import uuid4
 
 import pytest
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql.schema import followers
 from ordering_sql.store._dialects import dialect_for
 from ordering_sql.store._queries import params, queries_for
-from tests.support import FULL_SCAN, explained_plans
+from tests.conftest import BACKENDS
+from tests.support import FULL_SCAN
+from tests.support import explaining as explaining_connection
 
 NOW = datetime.now(UTC)
 #: An index used for the scope alone: every row of the scope is read and filtered. The id list
@@ -81,27 +83,16 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
     return statements
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Plans depend on the statements, not on who sends them: one Postgres run is enough."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def explaining(database_url: str) -> AsyncIterator[tuple[AsyncConnection, list[str]]]:
-    """A connection on which every statement is explained instead of run."""
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            sqlite = engine.dialect.name == "sqlite"
-            if not sqlite:
-                # Rows and statistics, so that the planner chooses as it would in service, then
-                # sequential scans priced out: any left in a plan means no index can serve it.
-                for table, columns in FILLER.items():
-                    await conn.exec_driver_sql(
-                        f"INSERT INTO {table} SELECT {columns} FROM generate_series(1, {ROWS})"
-                    )
-                await conn.exec_driver_sql("ANALYZE ordering_events, ordering_followers")
-                await conn.exec_driver_sql("SET enable_seqscan = off")
-            with explained_plans(engine.sync_engine, engine.dialect.name) as plans:
-                yield conn, plans
-            await conn.rollback()
-    finally:
-        await engine.dispose()
+    async with explaining_connection(database_url, filler=FILLER, rows=ROWS) as explained:
+        yield explained
 
 
 async def test_every_batch_statement_uses_an_index(

@@ -15,11 +15,13 @@ from uuid import uuid4
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql.schema import followers
 from ordering_sql.store._queries import params, queries_for
-from tests.support import FULL_SCAN, explained_plans
+from tests.conftest import BACKENDS
+from tests.support import FULL_SCAN
+from tests.support import explaining as explaining_connection
 
 NOW = datetime.now(UTC)
 
@@ -113,21 +115,16 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
     }
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Plans depend on the statements, not on who sends them: one Postgres run is enough."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def explaining(database_url: str) -> AsyncIterator[tuple[AsyncConnection, list[str]]]:
-    """A connection on which every statement is explained instead of run."""
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            sqlite = engine.dialect.name == "sqlite"
-            if not sqlite:
-                # Price sequential scans out: any left in a plan means no index can serve it.
-                await conn.exec_driver_sql("SET enable_seqscan = off")
-            with explained_plans(engine.sync_engine, engine.dialect.name) as plans:
-                yield conn, plans
-            await conn.rollback()
-    finally:
-        await engine.dispose()
+    async with explaining_connection(database_url) as explained:
+        yield explained
 
 
 @pytest.mark.parametrize("name", list(_statements("sqlite")))
