@@ -1,8 +1,10 @@
 """Backend fixtures: every integration test runs on SQLite and on a real Postgres.
 
 Postgres comes from ``ORDERING_SQL_TEST_POSTGRES_URL`` (for example
-``postgresql+asyncpg://postgres@127.0.0.1:5432/test``). Without it the Postgres half is skipped
-with a reason, except under ``CI=true``, where a missing or unreachable Postgres fails the run.
+``postgresql+asyncpg://postgres@127.0.0.1:5432/test``). Without it the suite starts a throwaway
+cluster of its own for the session where Postgres's server binaries are installed
+(``tests/pg_servers.py``), and skips the Postgres half with a reason only where they are not;
+under ``CI=true`` a missing or unreachable Postgres fails the run instead of skipping it.
 
 Isolation: a template database (Postgres) or file (SQLite) is migrated once per session; each
 test gets a fresh copy of it.
@@ -24,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from ordering_sql import CausalOrdering, dispose_engines, migrate
 from ordering_sql.settings import ENV_DIRECT_DRIVER
+from tests.pg_servers import ThrowawayPostgres
 from tests.support import Clock
 
 PG_ENV = "ORDERING_SQL_TEST_POSTGRES_URL"
@@ -61,11 +64,24 @@ async def _admin(url: str, *statements: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_admin_url() -> str:
+def postgres_admin_url() -> Iterator[str]:
+    """The URL of a Postgres database the suite may create databases from.
+
+    ``ORDERING_SQL_TEST_POSTGRES_URL`` if set. Unset, a throwaway cluster of the session's own
+    (``tests/pg_servers.py``), with a database ``test``, stopped and deleted at the end of the
+    session; only where Postgres's server binaries are missing, a skip (a failure under CI=true).
+    """
     url = os.environ.get(PG_ENV)
     if not url:
+        missing = ThrowawayPostgres.unavailable_reason()
+        if missing is None:
+            with ThrowawayPostgres() as server:
+                asyncio.run(_admin(server.url(), 'CREATE DATABASE "test"'))
+                yield server.url("test")
+            return
         reason = (
-            f"Postgres tests need {PG_ENV}, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+            f"Postgres tests need {PG_ENV}, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test,"
+            f" or Postgres's server binaries for a throwaway cluster, but {missing}"
         )
         if IN_CI:
             pytest.fail(f"CI=true but {PG_ENV} is not set. {reason}")
@@ -77,7 +93,7 @@ def postgres_admin_url() -> str:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    return url
+    yield url
 
 
 @pytest.fixture(scope="session")
