@@ -46,7 +46,7 @@ from ordering_sql.admin import status
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
-from ordering_sql.settings import mask_url, normalize_url
+from ordering_sql.settings import ENV_SQLITE_SYNCHRONOUS, Settings, mask_url, normalize_url
 from ordering_sql.simulation import (
     DeliveryQueue,
     HandledLog,
@@ -253,7 +253,7 @@ async def _leftovers_then_clear(url: str, scope: str) -> int:
     ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
     try:
         store = await ordering._db()
-        found = await status(store, now=datetime.now(UTC), scope=scope)
+        found = await status(store, now=await store.now(), scope=scope)
         await ordering.clear()
         return sum(s.parked + s.processing for s in found)
     finally:
@@ -319,11 +319,12 @@ async def _raw_floors(parsed: Any, table: str) -> tuple[float, float, float]:
     to disk), and ``SELECT 1`` per second.
     """
     if parsed.get_backend_name() == "sqlite":
+        synchronous = Settings.from_env().sqlite_synchronous  # as the engine's connections
 
         async def connect() -> Any:
             raw = await aiosqlite.connect(parsed.database or ":memory:", timeout=30)
             await raw.execute("PRAGMA journal_mode=WAL")
-            await raw.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections
+            await raw.execute(f"PRAGMA synchronous={synchronous}")
             return raw
 
         async def insert(raw: Any) -> None:
@@ -364,7 +365,15 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 async def run_workload(
-    name: str, url: str, *, events: int, repeat: int, seed: int, floors: Floors, folder: Path
+    name: str,
+    url: str,
+    *,
+    events: int,
+    repeat: int,
+    seed: int,
+    floors: Floors,
+    folder: Path,
+    backend: str | None = None,
 ) -> WorkloadResult:
     runs: list[float] = []
     latencies: list[float] = []
@@ -397,7 +406,7 @@ async def run_workload(
                 f"order violations {verdict.order_violations}, left parked or leased {left}"
             )
     rate = statistics.median(runs)
-    backend = normalize_url(url).get_backend_name()
+    backend = backend or normalize_url(url).get_backend_name()
     return WorkloadResult(
         workload=name,
         backend=backend,
@@ -420,9 +429,15 @@ async def run_bench(
     repeat: int = 3,
     seed: int = 1,
     workloads: tuple[str, ...] = WORKLOADS,
+    sqlite_synchronous: tuple[str, ...] = (),
     on_step: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Run the floors and ``workloads`` on every database of ``urls``."""
+    """Run the floors and ``workloads`` on every database of ``urls``.
+
+    ``sqlite_synchronous``: run a SQLite database once per ``PRAGMA synchronous`` setting given
+    (its results are labelled ``sqlite-full``, ``sqlite-normal``...), so that one run shows
+    what durability costs; empty, once with the configured setting, labelled ``sqlite``.
+    """
     floors: dict[str, Floors] = {}
     results: list[WorkloadResult] = []
     with tempfile.TemporaryDirectory(prefix="ordering-sql-bench-") as tmp:
@@ -430,26 +445,54 @@ async def run_bench(
         for url in urls:
             backend = normalize_url(url).get_backend_name()
             await migrate(url)
-            if on_step:
-                on_step(f"{backend}: floors on {mask_url(url)}")
-            floor = floors[backend] = await measure_floors(url)
-            for name in workloads:
-                if name == "W5" and backend == "sqlite":
-                    continue  # W5 is a Postgres workload: processes sharing a server
-                if on_step:
-                    on_step(f"{backend}: {name}")
-                results.append(
-                    await run_workload(
-                        name,
-                        url,
-                        events=events,
-                        repeat=repeat,
-                        seed=seed,
-                        floors=floor,
-                        folder=folder,
-                    )
-                )
+            modes: tuple[str | None, ...] = (None,)
+            if backend == "sqlite" and sqlite_synchronous:
+                modes = sqlite_synchronous
+            for mode in modes:
+                label = backend if mode is None else f"{backend}-{mode.lower()}"
+                with _sqlite_synchronous(mode):
+                    if on_step:
+                        on_step(f"{label}: floors on {mask_url(url)}")
+                    floor = floors[label] = await measure_floors(url)
+                    for name in workloads:
+                        if name == "W5" and backend == "sqlite":
+                            continue  # W5 is a Postgres workload: processes sharing a server
+                        if on_step:
+                            on_step(f"{label}: {name}")
+                        results.append(
+                            await run_workload(
+                                name,
+                                url,
+                                events=events,
+                                repeat=repeat,
+                                seed=seed,
+                                floors=floor,
+                                folder=folder,
+                                backend=label,
+                            )
+                        )
     return BenchReport(floors=floors, results=results)
+
+
+@contextlib.contextmanager
+def _sqlite_synchronous(mode: str | None) -> Iterator[None]:
+    """``ORDERING_SQL_SQLITE_SYNCHRONOUS=mode`` for one pass of the bench (None: unchanged).
+
+    The engines of a pass are made within it (each workload run opens and closes its own), so
+    they all take the pass's setting.
+    """
+    if mode is None:
+        yield
+        return
+    before = os.environ.get(ENV_SQLITE_SYNCHRONOUS)
+    os.environ[ENV_SQLITE_SYNCHRONOUS] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_SQLITE_SYNCHRONOUS]
+        else:
+            os.environ[ENV_SQLITE_SYNCHRONOUS] = before
 
 
 def plot(report: BenchReport, path: Path) -> None:

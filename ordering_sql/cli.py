@@ -22,8 +22,14 @@ from ordering_sql.admin import ScopeStatus, peek_lost, purge, status
 from ordering_sql.demo import DemoReport
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.errors import ConfigurationError, OrderingError
-from ordering_sql.models import ReceivedEvent, utc_now
-from ordering_sql.settings import DEFAULT_DATABASE_URL, ENV_DATABASE_URL, Settings, mask_url
+from ordering_sql.models import ReceivedEvent
+from ordering_sql.settings import (
+    DEFAULT_DATABASE_URL,
+    ENV_DATABASE_URL,
+    SQLITE_SYNCHRONOUS_MODES,
+    Settings,
+    mask_url,
+)
 from ordering_sql.store import Store
 from ordering_sql.streaming import MalformedLine, order_lines
 
@@ -132,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     lost_p.add_argument(
         "--take",
         action="store_true",
-        help="remove them, exactly as get_lost_followers() does (default: only look)",
+        help=(
+            "take them: hand them over as get_lost_followers() does, print them, then remove "
+            "them (default: only look)"
+        ),
     )
     lost_p.set_defaults(func=_lost)
 
@@ -174,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument(
         "--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset (W1,W2,W3,W4,W5)"
     )
+    bench_p.add_argument(
+        "--sqlite-synchronous",
+        metavar="MODES",
+        default="",
+        help=(
+            "run a SQLite database once per PRAGMA synchronous mode, e.g. FULL,NORMAL, to see "
+            "what durability costs (default: once, with $ORDERING_SQL_SQLITE_SYNCHRONOUS or FULL)"
+        ),
+    )
     bench_p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench_p.add_argument(
         "--plot", metavar="FILE.png", help="draw events/s per workload (needs matplotlib)"
@@ -211,7 +229,7 @@ async def _store(database_url: str | None) -> AsyncIterator[Store]:
 
 async def _status(args: argparse.Namespace) -> int:
     async with _store(args.database_url) as store:
-        scopes = await status(store, now=utc_now(), scope=args.scope)
+        scopes = await status(store, now=await store.now(), scope=args.scope)
     if args.json:
         print(json.dumps([s.model_dump(mode="json") for s in scopes], indent=2))
     else:
@@ -279,15 +297,22 @@ async def _lost(args: argparse.Namespace) -> int:
             args.scope, database_url=args.database_url
         )
         try:
+            # Handed over as the engine's sweep does (claimed), printed, and only then removed:
+            # if this command dies before the end, the followers come back after the claim.
             taken = await ordering.get_lost_followers()
+            lines = [event.model_dump_json() for event in taken]
+            for line in lines:
+                print(line)
+            sys.stdout.flush()
+            for event in taken:
+                await ordering.forget_follower(event)
         finally:
             await ordering.close()
-        lines = [event.model_dump_json() for event in taken]
     else:
         async with _store(args.database_url) as store:
-            lines = await peek_lost(store, scope=args.scope, now=utc_now())
-    for line in lines:
-        print(line)
+            lines = await peek_lost(store, scope=args.scope, now=await store.now())
+        for line in lines:
+            print(line)
     verb = "removed" if args.take else "found (nothing removed; --take removes them)"
     print(f"ordering-sql: {len(lines)} lost followers {verb}", file=sys.stderr)
     return 0
@@ -295,7 +320,7 @@ async def _lost(args: argparse.Namespace) -> int:
 
 async def _purge(args: argparse.Namespace) -> int:
     async with _store(args.database_url) as store:
-        result = await purge(store, now=utc_now(), dry_run=args.dry_run)
+        result = await purge(store, now=await store.now(), dry_run=args.dry_run)
     verb = "deleted" if result.deleted else "would delete (dry run)"
     print(
         f"{verb} {result.total} expired rows: {result.seen} seen records, "
@@ -365,6 +390,14 @@ async def _bench(args: argparse.Namespace) -> int:
     if unknown:
         msg = f"Unknown workloads {unknown!r}; choose from {', '.join(WORKLOADS)}."
         raise ConfigurationError(msg)
+    modes = tuple(m.strip().upper() for m in args.sqlite_synchronous.split(",") if m.strip())
+    unknown_modes = [mode for mode in modes if mode not in SQLITE_SYNCHRONOUS_MODES]
+    if unknown_modes:
+        msg = (
+            f"Unknown SQLite synchronous modes {unknown_modes!r}; "
+            f"choose from {', '.join(SQLITE_SYNCHRONOUS_MODES)}."
+        )
+        raise ConfigurationError(msg)
     with tempfile.TemporaryDirectory(prefix="ordering-sql-bench-db-") as tmp:
         urls = args.database_url or [f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"]
         report = await run_bench(
@@ -373,6 +406,7 @@ async def _bench(args: argparse.Namespace) -> int:
             repeat=args.repeat,
             seed=args.seed,
             workloads=workloads,
+            sqlite_synchronous=modes,
             on_step=lambda step: print(f"bench: {step}", file=sys.stderr),
         )
     _print_bench(report)
@@ -395,7 +429,7 @@ def _print_bench(report: BenchReport) -> None:
             f"SQLAlchemy SELECT 1 {f.sqlalchemy_select_1:,.0f}; two-statement floor "
             f"{f.two_statement:,.0f} events/s"
         )
-    header = f"{'workload':8} {'backend':10} {'events/s':>9} {'x floor':>8} {'p50 ms':>7} "
+    header = f"{'workload':8} {'backend':13} {'events/s':>9} {'x floor':>8} {'p50 ms':>7} "
     print(header + f"{'p99 ms':>7} {'stmts/ev':>8}  check")
     for r in report.results:
         p50 = f"{r.p50_s * 1000:.2f}" if r.p50_s is not None else "-"
@@ -403,7 +437,7 @@ def _print_bench(report: BenchReport) -> None:
         stmts = f"{r.statements_per_event:.2f}" if r.statements_per_event is not None else "-"
         verdict = "ok" if r.correct else "FAILED: " + "; ".join(r.problems)
         print(
-            f"{r.workload:8} {r.backend:10} {r.events_per_s:9,.0f} {r.ratio_to_floor:8.2f} "
+            f"{r.workload:8} {r.backend:13} {r.events_per_s:9,.0f} {r.ratio_to_floor:8.2f} "
             f"{p50:>7} {p99:>7} {stmts:>8}  {verdict}"
         )
 

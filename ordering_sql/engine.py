@@ -10,9 +10,13 @@ reference engine loses or duplicates events under concurrency are closed:
 * Completing a leader marks it seen, claims its parked followers and ends its lease in one
   atomic step, and parking a follower is ordered against that by the leader's row lock
   (``_park``), so a follower can never park itself just after its leader collected the followers.
-* A lease is renewed while its handler runs, so a slow handler is not taken over.
+* A lease is renewed while its handler runs, so a slow handler is not taken over; one that
+  stalled past its lease still completes if nobody else took the event meanwhile.
 * A follower stays stored until its own handler succeeded; a claimed follower whose handler
-  failed or whose worker died is handed back by ``get_lost_followers`` once the claim expires.
+  failed or whose worker died is handed back by ``get_lost_followers`` once the claim expires,
+  and claims are renewed while a leader replays its followers.
+* The lost-follower sweep claims what it hands out, so a follower whose caller died comes back.
+* Every expiry is decided on the database's clock, shared by every process (``store/_clock.py``).
 
 This module knows nothing of SQL dialects: statements and the two multi-row steps (complete,
 park) come from ``store._queries``; units of work and retries from ``store``.
@@ -21,7 +25,6 @@ park) come from ``store._queries``; units of work and retries from ``store``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -34,6 +37,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ordering_sql._renewal import Renewal
 from ordering_sql.errors import (
     ClosedError,
     ConfigurationError,
@@ -41,11 +45,10 @@ from ordering_sql.errors import (
     EventBeingProcessed,
     LeaseLostError,
     MaxDepthExceeded,
-    OrderingError,
 )
-from ordering_sql.models import EventLike, HasId, ReceivedEvent, utc_now
+from ordering_sql.models import EventLike, HasId, ReceivedEvent
 from ordering_sql.schema import SCOPE_LENGTH
-from ordering_sql.settings import Durations, Settings, direct_driver_enabled, mask_url
+from ordering_sql.settings import Durations, Settings, mask_url
 from ordering_sql.store import Connection, Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
@@ -97,6 +100,31 @@ class _Lease:
 
     token: UUID
     leader: _Marks | None
+
+
+@dataclass(eq=False)
+class _Hold:
+    """Leases this worker holds for one handling, and the renewal that keeps them alive."""
+
+    token: UUID
+    event_ids: list[UUID]
+    renewal: Renewal | None = None
+    #: Set once the leases were ended without a release (parked, or taken over meanwhile).
+    ended: bool = False
+
+    async def pause(self) -> None:
+        if self.renewal is not None:
+            await self.renewal.stop()
+
+    def resume(self) -> None:
+        if self.renewal is not None:
+            self.renewal.start()
+
+
+def _what_is_held(event_ids: Sequence[UUID], noun: str = "the lease of event") -> str:
+    """``the lease of event <id>``, or ``... <id> and N more``, for log lines."""
+    more = f" and {len(event_ids) - 1} more" if len(event_ids) > 1 else ""
+    return f"{noun} {event_ids[0]}{more}"
 
 
 @dataclass(eq=False)
@@ -168,7 +196,8 @@ class CausalOrdering(Generic[E]):
         self.scope = scope
         self.durations = Durations.build(**durations)
         self.event_type: type[E] = event_type
-        self._clock = clock or utc_now
+        # None: the database's clock (``Store.clock``), shared by every process.
+        self._clock = clock
         self._migrate_on_first_use = migrate_on_first_use
         self._engine = engine
         # Validates the URL now (a clear error at construction), connects only on first use.
@@ -222,7 +251,7 @@ class CausalOrdering(Generic[E]):
         if store is not None and not store.disposed and store_loop and store_loop() is loop:
             return store
         if self._engine is not None:
-            store = Store.from_engine(self._engine, direct=direct_driver_enabled())
+            store = Store.from_engine(self._engine)
         else:
             assert self._settings is not None
             store = await acquire_store(self._settings)
@@ -232,7 +261,21 @@ class CausalOrdering(Generic[E]):
         self._store, self._store_loop = store, weakref.ref(loop)
         return store
 
+    async def now(self) -> datetime:
+        """The time this instance decides on: the database's clock (or the ``clock`` given).
+
+        Stamp ``received`` with it where the process's own clock may be off:
+        ``ReceivedEvent(..., received=await ordering.now())``.
+        """
+        db = await self._db()
+        return await db.now() if self._clock is None else self._now()
+
     def _now(self) -> datetime:
+        """The time every decision of this instance is made on: the injected clock if one was
+        given, else the database's (read before each unit of work, see ``store/_clock.py``)."""
+        if self._clock is None:
+            assert self._store is not None, "the store is opened before any time is taken"
+            return self._store.clock.now()
         now = self._clock()
         if now.tzinfo is None:
             msg = f"The clock returned a naive datetime {now!r}; it must return aware UTC times."
@@ -268,16 +311,10 @@ class CausalOrdering(Generic[E]):
         """End the processing mark: the lease this instance took, or (if none) whoever's it is."""
         db = await self._db()
         token = self._leases.pop(event.id, None)
-        if token is None:
-            query, release = db.queries.release_any, self._params(event.id, now=self._now())
-        else:
-            query, release = (
-                db.queries.release,
-                self._params(event.id, now=self._now(), owner=token),
-            )
+        query = db.queries.release_any if token is None else db.queries.release
 
         async def work(conn: Connection) -> None:
-            await conn.execute(query, release)
+            await conn.execute(query, self._params(event.id, now=self._now(), owner=token))
 
         await db.step(work, action="forget_event_is_processing")
 
@@ -306,25 +343,25 @@ class CausalOrdering(Generic[E]):
 
         return await db.step(work, action="record_event_as_processing")
 
-    async def _release(self, event_id: UUID, token: UUID) -> None:
-        """End the lease held by ``token``; a no-op if it was taken over meanwhile."""
+    async def _release_after_failure(self, event_ids: list[UUID], token: UUID) -> None:
+        """End the leases ``token`` still holds (a no-op for any taken over meanwhile).
+
+        The handler already failed; that error is what the caller must see. If the release
+        fails too, the leases simply expire after ``lease_timeout``.
+        """
         db = await self._db()
+        ids = db.dialect.bind_ids(event_ids)
 
         async def work(conn: Connection) -> None:
-            release = self._params(event_id, owner=token, now=self._now())
-            await conn.execute(db.queries.release, release)
+            release = self._params(owner=token, now=self._now(), ids=ids)
+            await conn.execute(db.queries.release_many, release)
 
-        await db.step(work, action="release_lease")
-
-    async def _release_after_failure(self, event_id: UUID, token: UUID) -> None:
-        # The handler already failed; that error is what the caller must see. If the release
-        # fails too, the lease simply expires after lease_timeout.
         try:
-            await self._release(event_id, token)
+            await db.step(work, action="release_lease")
         except Exception:
             logger.warning(
-                "could not release the lease of event %s; it expires in %s",
-                event_id,
+                "could not release %s; it expires in %s",
+                _what_is_held(event_ids),
                 self.durations.lease,
                 exc_info=True,
                 extra={"action": "release_lease", "scope": self.scope},
@@ -418,21 +455,34 @@ class CausalOrdering(Generic[E]):
         return await db.read(work, action="followers_by_id")
 
     async def get_lost_followers(self) -> list[E]:
-        """Remove and return the followers whose leader never came, in ``occurred`` order.
+        """Hand over the followers whose leader never came, in ``occurred`` order.
 
-        Lost means: waiting since before the lookback horizon, or claimed by a leader whose claim
-        expired (its worker died, or the handler for this follower failed). The caller now owns
-        them: handle them as if their leader had come.
+        Lost means: waiting since before the lookback horizon; or claimed by a leader (or by an
+        earlier sweep) whose claim expired, because that worker died or the handler for this
+        follower failed; or never claimed although its leader was handled a claim timeout ago.
+        Handle them as if their leader had come, through ``preceding_event_confirmed`` (or
+        ``event_is_processing``): a follower's row is deleted when its own handling completes.
+
+        Unlike the reference engine, which removes them as it returns them, this sweep hands
+        them over at least once: each one returned is claimed for ``claim_timeout``, and one
+        not handled by then (the caller died, or its handler failed) is returned again by a
+        later sweep. A sweep retried after its reply was lost returns what it had claimed.
+        Followers whose own event was handled meanwhile are dropped, not returned.
         """
         db = await self._db()
+        token = uuid4()  # the sweep's claims; the same for every retry of this step
 
         async def work(conn: Connection) -> list[Any]:
             now = self._now()
-            horizon = now - self.durations.preceding_event_lookback
-            # A leader seen at least a claim timeout ago: its seen mark ends later than this.
-            seen_cutoff = now + self.durations.seen - self.durations.claim_timeout
-            query_params = self._params(now=now, horizon=horizon, seen_cutoff=seen_cutoff)
-            return list((await conn.execute(db.queries.take_lost, query_params)).all())
+            values = self._params(
+                now=now,
+                horizon=now - self.durations.preceding_event_lookback,
+                # A leader seen at least a claim timeout ago: its seen mark ends later than this.
+                seen_cutoff=now + self.durations.seen - self.durations.claim_timeout,
+                owner=token,
+                claimed_until=now + self.durations.claim_timeout,
+            )
+            return await db.queries.sweep(conn, values)
 
         return self._load_sorted(await db.step(work, action="get_lost_followers"))
 
@@ -470,17 +520,15 @@ class CausalOrdering(Generic[E]):
         and ``LeaseLostError`` after the body if the lease expired and was taken over.
         """
         lease = await self._acquire_or_raise(event)
-        async with self._renewing(lease.token, [event.id]):
-            try:
-                yield
-            except BaseException:
-                await self._release_after_failure(event.id, lease.token)
-                raise
+        async with self._holding(lease.token, [event.id]):
+            yield
         await self._complete(event, lease.token, claim=False)
 
     async def wait_for_leader(self, event: EventLike) -> None:
         """Return when ``event`` may be handled; park it and raise ``EventArrivedEarly`` if not."""
-        await self._wait_for_leader(event, self._leases.get(event.id), None)
+        token = self._leases.get(event.id)
+        hold = None if token is None else _Hold(token, [event.id])
+        await self._wait_for_leader(event, hold, None)
 
     @asynccontextmanager
     async def preceding_event_confirmed(
@@ -505,83 +553,64 @@ class CausalOrdering(Generic[E]):
             raise self.max_depth_error(event)
 
         lease = await self._acquire_or_raise(event, leader_id=event.follows)
-        async with self._renewing(lease.token, [event.id]):
-            try:
-                await self._wait_for_leader(event, lease.token, lease.leader)
-            except EventArrivedEarly:
-                raise  # parked: the parking transaction already ended our lease
-            except BaseException:
-                await self._release_after_failure(event.id, lease.token)
-                raise
-            try:
-                yield
-            except BaseException:
-                await self._release_after_failure(event.id, lease.token)
-                raise
+        async with self._holding(lease.token, [event.id]) as hold:
+            await self._wait_for_leader(event, hold, lease.leader)
+            yield
         followers = await self._complete(event, lease.token, claim=True)
-        await self._replay(handler, event, followers, depth)
+        await self._replay(handler, lease.token, [(event, followers)], depth)
 
     @asynccontextmanager
-    async def _renewing(self, token: UUID, event_ids: list[UUID]) -> AsyncIterator[None]:
-        """Keep the lease of ``token`` alive while the body runs longer than a third of it.
+    async def _holding(self, token: UUID, event_ids: list[UUID]) -> AsyncIterator[_Hold]:
+        """Keep the leases of ``token`` alive while the body runs; release them if it raises.
 
-        Without this a handler slower than ``lease_timeout`` would let another worker take the
-        event over while it still runs. Nothing is started for a body that ends sooner: a timer
-        starts the renewer. Why it is safe: a renewal only extends a lease that ``token`` still
-        holds (the same owner, not ended), in one statement; once the lease was ended (failure,
-        parking) or taken over, a renewal changes nothing. A worker that dies stops renewing,
-        so its lease expires as before.
+        Without renewal, a handler slower than ``lease_timeout`` would let another worker take
+        the event over while it still runs. Renewing is taking the leases again with the same
+        token (the lease rule of ``store/_queries.py``), so it also keeps a lease whose row was
+        purged meanwhile, and it stops as soon as another worker holds the event or finished
+        it. Why it is safe: the renewal is stopped (and any renewal in flight has finished)
+        before the lease is ended here, by parking, by the completion that follows the body, or
+        by the release after a failure, so no renewal can take back a lease its holder ended. A
+        worker that dies stops renewing, so its lease expires as before.
         """
-        interval = self.durations.lease.total_seconds() / 3
-        stop = asyncio.Event()
-        renewer: asyncio.Task[None] | None = None
-
-        def start() -> None:
-            nonlocal renewer
-            renewer = asyncio.create_task(self._renew_until(stop, event_ids, token, interval))
-
-        timer = asyncio.get_running_loop().call_later(interval, start)
+        renewal = self._renewal(
+            lambda: self._take_leases(event_ids, token),
+            interval=self.durations.lease,
+            what=_what_is_held(event_ids),
+        )
+        hold = _Hold(token, event_ids, renewal)
+        renewal.start()
         try:
-            yield
-        finally:
-            timer.cancel()
-            stop.set()
-            if renewer is not None:
-                await renewer  # lets a renewal in flight finish; it never raises
+            yield hold
+        except BaseException:
+            await renewal.stop()
+            if not hold.ended:
+                await self._release_after_failure(event_ids, token)
+            raise
+        await renewal.stop()
 
-    async def _renew_until(
-        self, stop: asyncio.Event, event_ids: list[UUID], token: UUID, interval: float
-    ) -> None:
+    def _renewal(
+        self, renew: Callable[[], Awaitable[Any]], *, interval: timedelta, what: str
+    ) -> Renewal:
+        async def keep() -> bool:
+            return bool(await renew())  # nothing renewed: ended or taken over
+
+        return Renewal(keep, interval=interval.total_seconds() / 3, what=what, scope=self.scope)
+
+    async def _take_leases(self, event_ids: list[UUID], token: UUID) -> set[UUID]:
+        """Take (or renew) the leases of ``event_ids`` for ``token``; the ids now held."""
         db = await self._db()
-        if len(event_ids) == 1:
-            query, ids = db.queries.renew, self._params(event_ids[0])
-        else:
-            query, ids = db.queries.renew_many, self._params(ids=db.dialect.bind_ids(event_ids))
+        # Sorted: concurrent callers then lock their rows in one order (Postgres locks rows in
+        # the order they are inserted), so two batches sharing events cannot deadlock.
+        ids = db.dialect.bind_ids(sorted(event_ids))
 
-        async def work(conn: Connection) -> bool:
-            until = self._now() + self.durations.lease
-            return bool(
-                (
-                    await conn.execute(query, {**ids, **params(owner=token, lease_until=until)})
-                ).rowcount
+        async def work(conn: Connection) -> set[UUID]:
+            now = self._now()
+            lease = self._params(
+                owner=token, now=now, lease_until=now + self.durations.lease, ids=ids
             )
+            return {row.event_id for row in await conn.execute(db.queries.acquire_many, lease)}
 
-        while not stop.is_set():
-            try:
-                if not await db.step(work, action="renew_lease"):
-                    return  # ended or taken over: nothing left to keep alive
-            except OrderingError:
-                logger.warning(
-                    "could not renew the lease of event %s; trying again in %.1fs",
-                    event_ids[0]
-                    if len(event_ids) == 1
-                    else f"{event_ids[0]} and {len(event_ids) - 1} more",
-                    interval,
-                    exc_info=True,
-                    extra={"action": "renew_lease", "scope": self.scope},
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        return await db.step(work, action="renew_lease")
 
     async def _acquire_or_raise(self, event: EventLike, leader_id: UUID | None = None) -> _Lease:
         lease = await self._acquire(event.id, leader_id)
@@ -593,9 +622,10 @@ class CausalOrdering(Generic[E]):
         return lease
 
     async def _wait_for_leader(
-        self, event: EventLike, token: UUID | None, marks: _Marks | None
+        self, event: EventLike, hold: _Hold | None, marks: _Marks | None
     ) -> None:
-        """``marks``: the leader's marks if already read (with the lease), else None."""
+        """``hold``: the event's lease, if this worker holds it; ``marks``: the leader's marks
+        if already read (with the lease), else None."""
         leader = event.follows
         if leader is None or leader == event.id:
             return
@@ -608,8 +638,20 @@ class CausalOrdering(Generic[E]):
         waits = self.durations.in_flight_event_timeout > timedelta(0)  # 0: park at once
         if marks.processing and waits and await self._await_leader_in_flight(event, leader):
             return
-        if not await self._park(event, token):
-            return  # the leader completed while we looked: go ahead
+        if hold is not None:
+            await hold.pause()  # parking ends the lease: no renewal may follow it
+        try:
+            parked = await self._park(event, None if hold is None else hold.token)
+        except EventBeingProcessed:
+            if hold is not None:
+                hold.ended = True  # another worker holds it now: nothing of ours to release
+            raise
+        if not parked:
+            if hold is not None:
+                hold.resume()  # the leader completed while we looked: go ahead, still holding
+            return
+        if hold is not None:
+            hold.ended = True
         self._log(
             logging.INFO,
             event,
@@ -653,7 +695,9 @@ class CausalOrdering(Generic[E]):
         full argument is in ``store/_queries.py``.
 
         The follower's own lease (``token``) is ended in the same step, so a leader that
-        completes right after can always take it to replay the follower.
+        completes right after can always take it to replay the follower. If the leader turns
+        out seen, the lease is taken back (it may have been ended: see ``Queries.park``); if
+        another worker has the event by then, ``EventBeingProcessed`` is raised.
         """
         assert event.follows is not None
         db = await self._db()
@@ -670,10 +714,11 @@ class CausalOrdering(Generic[E]):
         return await db.step(work, action="park_follower")
 
     async def _still_holds(self, db: Store, conn: Connection, event_id: UUID, token: UUID) -> bool:
-        """Renew the lease of ``token``; False if another worker holds the event now.
+        """Take the lease of ``token`` back; False if another worker holds the event now.
 
-        Needed where a retried ``_park`` finds the leader done: if the first attempt did commit
-        (and so released our lease), the leader may already be replaying this event.
+        Needed where ``_park`` finds the leader done: the park step may have ended our lease
+        (on Postgres it always does; anywhere, a retried step whose first attempt committed
+        did), and the leader may already be replaying this event.
         """
         now = self._now()
         lease = self._params(
@@ -717,14 +762,51 @@ class CausalOrdering(Generic[E]):
         return followers
 
     async def _replay(
+        self,
+        handler: EventHandler,
+        token: UUID,
+        groups: Sequence[tuple[EventLike, list[E]]],
+        depth: int,
+    ) -> None:
+        """Hand the followers ``token`` claimed to ``handler``, leader by leader.
+
+        The claims are renewed while the replay runs (``_holding`` says why renewing is safe;
+        a follower's claim ends when its own handling deletes its row), so a sweep does not
+        hand out a follower that waits its turn or whose handler is running; if this worker
+        dies, the claims expire and the sweep returns the followers not handled yet.
+
+        Siblings go on when one of them fails: a follower whose handler raised stays claimed
+        and comes back from ``get_lost_followers`` once the claim expires; the first such error
+        is re-raised at the end so the caller sees it.
+        """
+        leaders = [leader.id for leader, followers in groups if followers]
+        if not leaders:
+            return
+        db = await self._db()
+        ids = db.dialect.bind_ids(leaders)
+
+        async def renew_claims() -> int:
+            async def work(conn: Connection) -> int:
+                until = self._now() + self.durations.claim_timeout
+                values = self._params(owner=token, leaders=ids, claimed_until=until)
+                return int((await conn.execute(db.queries.renew_claims, values)).rowcount)
+
+            return await db.step(work, action="renew_claims")
+
+        first_error: Exception | None = None
+        what = f"the claims on the followers of {_what_is_held(leaders, 'event')}"
+        async with self._renewal(renew_claims, interval=self.durations.claim_timeout, what=what):
+            for leader, followers in groups:
+                try:
+                    await self._replay_followers(handler, leader, followers, depth)
+                except Exception as exc:
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    async def _replay_followers(
         self, handler: EventHandler, leader: EventLike, followers: list[E], depth: int
     ) -> None:
-        """Hand each claimed follower to ``handler``; siblings go on when one of them fails.
-
-        A follower whose handler raised stays claimed and comes back from
-        ``get_lost_followers`` once the claim expires; the first such error is re-raised at the
-        end so the caller sees it.
-        """
         first_error: Exception | None = None
         for follower in followers:
             try:
@@ -803,12 +885,8 @@ class CausalOrdering(Generic[E]):
         if not ids:
             yield batch
             return
-        async with self._renewing(token, ids):
-            try:
-                yield batch
-            except BaseException:
-                await self._release_batch_after_failure(ids, token)
-                raise
+        async with self._holding(token, ids):
+            yield batch
         lost = await self._complete_batch(handler, batch, token)
         if lost:
             msg = (
@@ -933,25 +1011,6 @@ class CausalOrdering(Generic[E]):
         batch.parked.append(event)
         return False
 
-    async def _release_batch_after_failure(self, ids: list[UUID], token: UUID) -> None:
-        # As _release_after_failure: the caller must see the body's error; leases expire anyway.
-        db = await self._db()
-
-        async def work(conn: Connection) -> None:
-            release = self._params(owner=token, now=self._now(), ids=db.dialect.bind_ids(ids))
-            await conn.execute(db.queries.release_many, release)
-
-        try:
-            await db.step(work, action="release_batch")
-        except Exception:
-            logger.warning(
-                "could not release the leases of a batch of %d events; they expire in %s",
-                len(ids),
-                self.durations.lease,
-                exc_info=True,
-                extra={"action": "release_batch", "scope": self.scope},
-            )
-
     async def _complete_batch(
         self, handler: EventHandler, batch: Batch[E], token: UUID
     ) -> list[UUID]:
@@ -982,17 +1041,14 @@ class CausalOrdering(Generic[E]):
         by_leader: dict[UUID, list[Any]] = {}
         for row in rows:
             by_leader.setdefault(row.leader_id, []).append(row)
-        leaders = {cast("EventLike", event).id: event for event in batch.ready}
-        first_error: Exception | None = None
-        for leader_id, leader_rows in by_leader.items():
-            followers = self._load_sorted(leader_rows)
+        leaders = {cast("EventLike", event).id: cast("EventLike", event) for event in batch.ready}
+        groups = [
+            (leaders[leader_id], self._load_sorted(leader_rows))
+            for leader_id, leader_rows in by_leader.items()
+        ]
+        for _, followers in groups:
             batch.replayed += followers
-            try:
-                await self._replay(handler, cast("EventLike", leaders[leader_id]), followers, 0)
-            except Exception as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
+        await self._replay(handler, token, groups, 0)
         return [event_id for event_id in ids if event_id not in done]
 
     def _log(self, level: int, event: EventLike, message: str, *args: Any, action: str) -> None:

@@ -8,9 +8,16 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from functools import lru_cache
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -23,6 +30,7 @@ __all__ = [
     "PRECEDING_EVENT_LOOKBACK",
     "PROCESSED_EVENT_LOOKBACK",
     "SEEN_EXPIRATION",
+    "SQLITE_SYNCHRONOUS_MODES",
     "Durations",
     "Settings",
     "mask_url",
@@ -47,6 +55,7 @@ ENV_POOL_SIZE: Final = "ORDERING_SQL_POOL_SIZE"
 ENV_BUSY_TIMEOUT: Final = "ORDERING_SQL_BUSY_TIMEOUT"
 ENV_ECHO: Final = "ORDERING_SQL_ECHO"
 ENV_DIRECT_DRIVER: Final = "ORDERING_SQL_DIRECT_DRIVER"
+ENV_SQLITE_SYNCHRONOUS: Final = "ORDERING_SQL_SQLITE_SYNCHRONOUS"
 
 _DRIVERS: Final = {
     "sqlite": "sqlite+aiosqlite",
@@ -57,6 +66,9 @@ _DRIVERS: Final = {
 }
 
 PositiveDuration = Annotated[timedelta, Field(gt=timedelta(0))]
+SqliteSynchronous = Literal["FULL", "EXTRA", "NORMAL"]
+#: The ``PRAGMA synchronous`` modes ordering-sql runs SQLite with; OFF is not offered.
+SQLITE_SYNCHRONOUS_MODES: Final = get_args(SqliteSynchronous)
 
 
 class Durations(BaseModel):
@@ -165,6 +177,15 @@ class Settings(BaseModel):
     #: Send the engine's autocommit statements to asyncpg directly (``store/_driver.py``);
     #: off, every statement goes through SQLAlchemy (and its events, for instrumentation).
     direct_driver: bool = True
+    #: SQLite's ``PRAGMA synchronous``. FULL (the default) makes every commit durable against
+    #: power loss and OS crashes: a parked follower, once acknowledged, is on disk. NORMAL is
+    #: faster (with WAL, a commit then survives a crash of the process, not of the machine).
+    sqlite_synchronous: SqliteSynchronous = "FULL"
+
+    @field_validator("sqlite_synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, database_url: str | None = None) -> Settings:
@@ -178,6 +199,7 @@ class Settings(BaseModel):
             ("busy_timeout_s", ENV_BUSY_TIMEOUT),
             ("echo", ENV_ECHO),
             ("direct_driver", ENV_DIRECT_DRIVER),
+            ("sqlite_synchronous", ENV_SQLITE_SYNCHRONOUS),
         ):
             if os.environ.get(env):
                 values[key] = os.environ[env]
@@ -188,6 +210,12 @@ class Settings(BaseModel):
             msg = f"Invalid setting {first['loc'][0]}={first.get('input')!r}: {first['msg']}."
             raise ConfigurationError(msg) from None
 
+    @classmethod
+    def for_host_engine(cls) -> Settings:
+        """The settings from ``ORDERING_SQL_*`` that apply to an engine the application passes
+        in, whose URL and pool are its own (``direct_driver``, ``sqlite_synchronous``)."""
+        return cls.from_env(DEFAULT_DATABASE_URL)
+
     @property
     def url(self) -> URL:
         return normalize_url(self.database_url)
@@ -196,4 +224,4 @@ class Settings(BaseModel):
 def direct_driver_enabled() -> bool:
     """``ORDERING_SQL_DIRECT_DRIVER`` alone: for an engine the application passes in, whose URL
     and pool are its own."""
-    return Settings.from_env(DEFAULT_DATABASE_URL).direct_driver
+    return Settings.for_host_engine().direct_driver

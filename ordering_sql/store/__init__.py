@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
+from sqlalchemy import Engine, text
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -30,6 +30,7 @@ from ordering_sql.errors import (
 )
 from ordering_sql.schema import VERSION_TABLE
 from ordering_sql.settings import Settings, mask_url
+from ordering_sql.store._clock import DatabaseClock
 from ordering_sql.store._dialects import Dialect, Failure, dialect_for
 from ordering_sql.store._driver import DRIVER_ERRORS, Connection, DriverConnections
 from ordering_sql.store._queries import Queries, params, queries_for
@@ -84,11 +85,18 @@ class Store:
         # On a single-writer database, this process's writers queue here instead of contending
         # for the database lock, where a loser sleeps in SQLite's busy handler (milliseconds,
         # growing) even after the lock is free. Writers in other processes still meet at the
-        # database lock and wait up to the busy timeout. A Store belongs to one event loop.
-        self._writers: asyncio.Lock | None = asyncio.Lock() if self.dialect.single_writer else None
+        # database lock and wait up to the busy timeout. A Store belongs to one event loop; the
+        # queue is the engine's, so every Store on one engine takes its turn in the same one.
+        self._writers = _turns(engine) if self.dialect.single_writer else None
+        # A database on one shared connection (SQLite ``:memory:``): a unit ending on it (a
+        # read's rollback as its connection goes back to the pool, say) would end any other
+        # unit's transaction too, so every unit takes its turn, reads and schema checks too.
+        self._alone = self.dialect.one_connection(engine.url)
         self._autocommit_options = self.dialect.autocommit_options()
         direct = direct and engine.dialect.driver == self.dialect.direct_driver
         self._direct = DriverConnections(engine, keep=keep) if direct else None
+        #: The database's clock, which every expiry decision is made on (``store/_clock.py``).
+        self.clock = DatabaseClock(self._read_clock)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -97,14 +105,19 @@ class Store:
         engine = create_async_engine(
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
-        dialect.configure(engine)
+        dialect.configure(engine, settings)
         return cls(engine, owns_engine=True, direct=settings.direct_driver, keep=settings.pool_size)
 
     @classmethod
-    def from_engine(cls, engine: AsyncEngine, *, direct: bool = True) -> Store:
-        """Wrap a host application's engine; it is never disposed by us."""
-        store = cls(engine, owns_engine=False, direct=direct)
-        store.dialect.configure(engine)
+    def from_engine(cls, engine: AsyncEngine, *, settings: Settings | None = None) -> Store:
+        """Wrap a host application's engine; it is never disposed by us.
+
+        ``settings``: those that apply to an engine made elsewhere (``direct_driver``,
+        ``sqlite_synchronous``); by default from the environment (``Settings.for_host_engine``).
+        """
+        settings = settings or Settings.for_host_engine()
+        store = cls(engine, owns_engine=False, direct=settings.direct_driver)
+        store.dialect.configure(engine, settings)
         return store
 
     async def dispose(self) -> None:
@@ -133,6 +146,20 @@ class Store:
         """Run ``work`` on a connection that only reads."""
         return await self._run(work, action=action, mode=_Mode.READ)
 
+    async def now(self) -> datetime:
+        """The database's current time: the clock leases, seen marks and claims expire on."""
+        await self.ensure_ready()
+        await self.clock.sync_if_due()
+        return self.clock.now()
+
+    async def _read_clock(self) -> datetime:
+        async def attempt() -> datetime:
+            return await self.dialect.read_clock(
+                self.engine.url, lambda: self._connection(_Mode.READ)
+            )
+
+        return await self._retrying(attempt, action="read_clock")
+
     async def _run(
         self,
         work: Callable[[Connection], Awaitable[T]],
@@ -141,12 +168,11 @@ class Store:
         mode: _Mode,
     ) -> T:
         await self.ensure_ready()
+        # Before the unit: its work reads the clock (``clock.now()``) without awaiting.
+        await self.clock.sync_if_due()
 
         async def attempt() -> T:
-            if mode is _Mode.READ or self._writers is None:
-                async with self._connection(mode) as conn:
-                    return await work(conn)
-            async with self._writers, self._connection(mode) as conn:
+            async with self._turn(mode), self._connection(mode) as conn:
                 return await work(conn)
 
         return await self._retrying(attempt, action=action)
@@ -189,6 +215,19 @@ class Store:
                 )
                 await asyncio.sleep(delay)
                 number += 1
+
+    @asynccontextmanager
+    async def _turn(self, mode: _Mode) -> AsyncIterator[None]:
+        """Wait for this process's turn to use the database in ``mode``, where it has turns.
+
+        Why holding an ``asyncio.Lock`` across the unit is safe: a unit never waits for another
+        unit of the same engine while it holds it (nothing nests), so the queue cannot deadlock.
+        """
+        if self._writers is None or (mode is _Mode.READ and not self._alone):
+            yield
+            return
+        async with self._writers:
+            yield
 
     @asynccontextmanager
     async def _connection(self, mode: _Mode, *, direct: bool = True) -> AsyncIterator[Connection]:
@@ -299,7 +338,7 @@ class Store:
         from ordering_sql import migration  # imported late: it pulls in Alembic
 
         async def attempt() -> None:
-            async with self._connection(_Mode.TRANSACTION) as conn:
+            async with self._turn(_Mode.TRANSACTION), self._connection(_Mode.TRANSACTION) as conn:
                 assert isinstance(conn, AsyncConnection)  # transactions are SQLAlchemy's
                 await migration.run_upgrade(conn, self.dialect, revision)
 
@@ -314,7 +353,7 @@ class Store:
             raise DatabaseUnavailableError(msg, url=self.url)
 
     async def _current_revision(self) -> str | None:
-        async with self._connection(_Mode.READ, direct=False) as conn:
+        async with self._turn(_Mode.READ), self._connection(_Mode.READ, direct=False) as conn:
             assert isinstance(conn, AsyncConnection)
             return await conn.run_sync(_read_revision)
 
@@ -385,6 +424,17 @@ class _LoopStores:
         self.stores.clear()
         for item in shared:
             await item.store.dispose()
+
+
+_engine_turns: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _turns(engine: AsyncEngine) -> asyncio.Lock:
+    """The queue of this process's units on ``engine`` (see ``Store._turn``)."""
+    turns = _engine_turns.get(engine.sync_engine)
+    if turns is None:
+        turns = _engine_turns[engine.sync_engine] = asyncio.Lock()
+    return turns
 
 
 # Engines hold connections bound to the event loop that opened them, so sharing is per loop.

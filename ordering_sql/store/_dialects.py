@@ -13,13 +13,28 @@ import enum
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 from uuid import UUID
 
 import asyncpg
-from sqlalchemy import Connection, Select, String, Uuid, any_, bindparam, event, func, select
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Select,
+    String,
+    Uuid,
+    any_,
+    bindparam,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -27,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.schema import Table
 
 from ordering_sql.settings import Settings
+from ordering_sql.store._clock import host_time, process_time
 
 __all__ = ["Dialect", "Failure", "dialect_for"]
 
@@ -58,8 +74,8 @@ class Dialect(Protocol):
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
 
-    def configure(self, engine: AsyncEngine) -> None:
-        """Install connection hooks on a new engine."""
+    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
+        """Install connection hooks on a new engine (once per engine)."""
 
     def autocommit_options(self) -> dict[str, Any]:
         """Execution options for a connection whose statements each commit on their own."""
@@ -87,6 +103,15 @@ class Dialect(Protocol):
     def unreachable(self, url: URL) -> str | None:
         """Why ``url`` cannot work, if that is known without connecting; else None."""
 
+    def one_connection(self, url: URL) -> bool:
+        """Whether the database behind ``url`` lives on one connection that every unit shares."""
+
+    async def read_clock(
+        self, url: URL, connect: Callable[[], AbstractAsyncContextManager[Any]]
+    ) -> datetime:
+        """The database's current time, the clock every process shares (``store/_clock.py``);
+        ``connect()`` opens a reading connection, if the dialect needs one."""
+
 
 class SqliteDialect:
     """SQLite through aiosqlite: one writer at a time, WAL so readers never block it.
@@ -108,7 +133,7 @@ class SqliteDialect:
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
         options: dict[str, Any] = {"connect_args": {"timeout": settings.busy_timeout_s}}
-        if url.database in (None, "", ":memory:"):
+        if self.one_connection(url):
             # A memory database exists once per connection: keep exactly one connection.
             from sqlalchemy.pool import StaticPool
 
@@ -118,11 +143,28 @@ class SqliteDialect:
             options["max_overflow"] = settings.pool_size
         return options
 
-    def configure(self, engine: AsyncEngine) -> None:
+    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
         sync_engine = engine.sync_engine
-        if not event.contains(sync_engine, "connect", _sqlite_on_connect):
-            event.listen(sync_engine, "connect", _sqlite_on_connect)
-            event.listen(sync_engine, "begin", _sqlite_on_begin)
+        if sync_engine in _configured:
+            return
+        _configured.add(sync_engine)
+        pragmas = (
+            "PRAGMA journal_mode=WAL",
+            # FULL by default: a commit, and so an acknowledged parked follower, survives a
+            # power loss or an OS crash; NORMAL survives only a crash of the process.
+            f"PRAGMA synchronous={settings.sqlite_synchronous}",
+            "PRAGMA foreign_keys=ON",
+        )
+
+        def on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy, not sqlite3, emits BEGIN
+            cursor = dbapi_conn.cursor()
+            for pragma in pragmas:
+                cursor.execute(pragma)
+            cursor.close()
+
+        event.listen(sync_engine, "connect", on_connect)
+        event.listen(sync_engine, "begin", _sqlite_on_begin)
 
     def autocommit_options(self) -> dict[str, Any]:
         return {READ_ONLY: True}  # used for reads only: writes take the write lock first
@@ -156,6 +198,18 @@ class SqliteDialect:
             return f"the directory {str(folder)!r} does not exist"
         return None
 
+    def one_connection(self, url: URL) -> bool:
+        return url.database in (None, "", ":memory:")
+
+    async def read_clock(
+        self, url: URL, connect: Callable[[], AbstractAsyncContextManager[Any]]
+    ) -> datetime:
+        # No connection needed: the shared clock is the kernel's, on the host of the file.
+        database = url.database
+        if database is None or self.one_connection(url) or database.startswith("file:"):
+            return process_time()  # a memory database lives in this process only
+        return host_time(database) or process_time()
+
     def classify(self, exc: BaseException) -> Failure:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
         if isinstance(orig, sqlite3.Error):
@@ -167,16 +221,8 @@ class SqliteDialect:
         return Failure.OTHER
 
 
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.isolation_level = None  # SQLAlchemy, not sqlite3, emits BEGIN
-    cursor = dbapi_conn.cursor()
-    for pragma in (
-        "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=NORMAL",
-        "PRAGMA foreign_keys=ON",
-    ):
-        cursor.execute(pragma)
-    cursor.close()
+#: Engines whose connection hooks are installed already (a host's engine may be wrapped often).
+_configured: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
@@ -226,7 +272,7 @@ class PostgresDialect:
             "connect_args": {"timeout": settings.connect_timeout_s},
         }
 
-    def configure(self, engine: AsyncEngine) -> None:
+    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
         return None
 
     def autocommit_options(self) -> dict[str, Any]:
@@ -252,6 +298,16 @@ class PostgresDialect:
     def unreachable(self, url: URL) -> str | None:
         return None
 
+    def one_connection(self, url: URL) -> bool:
+        return False
+
+    async def read_clock(
+        self, url: URL, connect: Callable[[], AbstractAsyncContextManager[Any]]
+    ) -> datetime:
+        async with connect() as conn:
+            now: datetime = (await conn.execute(_CLOCK)).scalar_one()
+        return now
+
     def classify(self, exc: BaseException) -> Failure:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
             return Failure.RETRYABLE
@@ -271,6 +327,8 @@ class PostgresDialect:
 
 
 _ADVISORY_LOCK: Final = select(func.pg_advisory_xact_lock(bindparam("key")))
+#: The server's current time (not the transaction's start, as ``now()`` would be).
+_CLOCK: Final = select(func.clock_timestamp(type_=DateTime(timezone=True)))
 
 
 def advisory_key(scope: str, key: UUID) -> int:

@@ -2,8 +2,8 @@
 
 Every statement takes its values as bound parameters (never literals), so SQLAlchemy compiles
 each one once and reuses it; parameter ``x`` is bound as ``p_x`` and ``params()`` builds the
-dict. Times are always passed in from the engine's clock: the database's own ``now()`` is never
-consulted, so tests and simulations can move time.
+dict. Times are always passed in from the engine's clock: the database's clock as the Store
+reads it (``store/_clock.py``), or a clock that a test or simulation injects to move time.
 
 Two steps of the protocol change several rows at once: completing an event, and parking a
 follower. The batch API has three more, each over a list of event ids bound as one parameter
@@ -97,9 +97,24 @@ def _later(column: Any, value: Any) -> Any:
     return case((column > value, column), else_=value)
 
 
+def _free_or_ours(insert: Any) -> Any:
+    """The lease rule, for an upsert of rows owned by ``excluded.owner``: the row's lease is the
+    same owner's already, or nobody holds it (no live lease) and the event is not seen.
+
+    Taking, renewing and completing all follow it. So a holder whose lease expired can still
+    renew it and complete the event as long as nobody else took it over meanwhile, even after
+    the purge deleted its row or a follower re-created it as a placeholder; and it is refused
+    as soon as another worker really holds the event or has finished it.
+    """
+    return or_(
+        events.c.owner == insert.excluded.owner,
+        and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
+    )
+
+
 def _take_lease(insert: Any) -> Any:
-    """``insert`` (of lease rows) as an upsert that takes each lease only if it is free and the
-    event unseen, or if the same owner holds it already: the rule of ``Queries.acquire``."""
+    """``insert`` (of lease rows) as an upsert that takes (or renews) each lease by the lease
+    rule, ``_free_or_ours``: the rule of ``Queries.acquire``."""
     return insert.on_conflict_do_update(
         index_elements=[events.c.scope, events.c.event_id],
         set_={
@@ -108,24 +123,26 @@ def _take_lease(insert: Any) -> Any:
             # The seen mark is not live here, so the lease is the row's only live mark.
             "expires_at": insert.excluded.expires_at,
         },
-        where=or_(
-            events.c.owner == insert.excluded.owner,
-            and_(_not_live(events.c.lease_until), _not_live(events.c.seen_until)),
-        ),
+        where=_free_or_ours(insert),
     )
 
 
 def _end_lease_as_seen(insert: Any) -> Any:
-    """``insert`` (of seen rows) as an upsert that marks each event seen and ends its lease only
-    if the same owner still holds it, or if no row exists: the rule of ``Queries.mark_done``."""
+    """``insert`` (of seen rows) as an upsert that marks each event seen and ends its lease by
+    the lease rule, ``_free_or_ours`` (a missing row is written anew): ``Queries.mark_done``.
+
+    The owner is written too, so a stale holder that completes later is refused: the event is
+    seen and the row is no longer its own.
+    """
     return insert.on_conflict_do_update(
         index_elements=[events.c.scope, events.c.event_id],
         set_={
+            "owner": insert.excluded.owner,
             "lease_until": None,
             "seen_until": insert.excluded.seen_until,
             "expires_at": insert.excluded.expires_at,
         },
-        where=events.c.owner == insert.excluded.owner,
+        where=_free_or_ours(insert),
     )
 
 
@@ -156,8 +173,6 @@ class Queries:
     release: Update
     #: End the lease whoever holds it (the reference's ``forget_event_is_processing``).
     release_any: Update
-    #: Extend the lease ``owner`` still holds (not one it ended or lost) to ``lease_until``.
-    renew: Update
     #: Mark seen, leaving any lease as it is (the reference's ``record_event_as_seen``).
     mark_seen: Any
     #: ``seen_until`` and ``lease_until`` of one event.
@@ -166,19 +181,30 @@ class Queries:
     flag_leader: Any
     #: Park (or re-park) a follower, unclaimed.
     store_follower: Any
-    #: flag_leader + store_follower + release the follower's own lease, unless the leader is
-    #: seen; one statement (Postgres only); returns the leader's seen mark.
+    #: flag_leader + store_follower (unless the leader is seen) + release the follower's own
+    #: lease, one statement (Postgres only); returns the leader's seen mark. The two events
+    #: rows are changed by one upsert in id order, the order in which every batch takes its
+    #: row locks, so parking and a batch can never deadlock. The release does not depend on
+    #: the leader (whose row may be locked only after the follower's): where the leader turns
+    #: out seen, the caller takes its lease back (``CausalOrdering._park``).
     park_if_leader_unseen: Any
     #: flag_leader + store_follower, one statement (Postgres only).
     park_always: Any
     #: Claim the unclaimed (or expired-claim) followers of ``leader_id`` for ``owner``; those
-    #: ``owner`` claimed already come back too, so a retried completion returns them again.
+    #: ``owner`` claimed already come back too, so a retried completion returns them again. An
+    #: event that names itself as its leader follows nothing, so it is never its own follower.
     claim_followers: Any
+    #: Extend the claims ``owner`` holds on the followers of ``leaders`` (while it replays them).
+    renew_claims: Update
     forget_follower: Delete
     followers_of: Select[Any]
     followers_by_id: Select[Any]
-    #: Delete and return the lost followers (see ``lost`` below).
+    #: Claim the lost followers (see ``lost`` below) for ``owner``, as a completion claims, and
+    #: return them; those ``owner`` claimed already come back too, so a retried sweep returns
+    #: what its first attempt took. With ``drop_handled`` on SQLite (one statement on Postgres).
     take_lost: Any
+    #: Delete the lost followers whose own event is seen: they were handled, nothing to return.
+    drop_handled_lost: Delete
     peek_lost: Select[Any]
     clear_events: Delete
     clear_followers: Delete
@@ -198,8 +224,6 @@ class Queries:
     marks_many: Select[Any]
     #: ``release`` for the events of ``ids`` that ``owner`` holds.
     release_many: Update
-    #: ``renew`` for the events of ``ids`` that ``owner`` holds.
-    renew_many: Update
     #: Mark seen and end the lease of the events of ``ids`` that ``owner`` holds (or that have
     #: no row at all); returns their ``event_id`` and ``has_followers``.
     done_many: Any
@@ -274,16 +298,31 @@ class Queries:
             ]
         return done, claimed
 
+    async def sweep(self, conn: Connection, values: dict[str, Any]) -> list[Row[Any]]:
+        """Drop the lost followers that were handled; claim the rest for ``owner``.
+
+        Returns the claimed followers' rows (``event``, ``occurred``, ``follower_id``).
+        """
+        if not self.single_statement_steps:
+            await conn.execute(self.drop_handled_lost, values)
+        return list((await conn.execute(self.take_lost, values)).all())
+
     async def park(
         self, conn: Connection, values: dict[str, Any], *, unless_leader_seen: bool
     ) -> bool:
         """Store a follower and flag its leader; False (and nothing parked) if the leader is seen.
 
         With ``unless_leader_seen``, the follower's own lease (``owner``) is ended in the same
-        step. Without it, the follower is stored whatever the leader's state.
+        step; on Postgres even when the leader turns out seen (``park_if_leader_unseen``), so a
+        caller that goes ahead then takes its lease back. Without it, the follower is stored
+        whatever the leader's state.
         """
         if self.single_statement_steps:
             statement = self.park_if_leader_unseen if unless_leader_seen else self.park_always
+            rows = {values["p_leader_id"]}
+            if unless_leader_seen:
+                rows.add(values["p_event_id"])  # the follower's own lease ends too
+            values = {**values, "p_ids": self.bind_ids(sorted(rows))}  # one lock order
             leader_seen_until = (await conn.execute(statement, values)).scalar_one_or_none()
         else:
             leader_seen_until = (await conn.execute(self.flag_leader, values)).scalar_one()
@@ -334,12 +373,6 @@ def queries_for(dialect_name: str) -> Queries:
     }
     release = sa_update(events).where(this_event, events.c.owner == _owner).values(released)
     release_any = sa_update(events).where(this_event).values(released)
-    renewed_until = _p("lease_until", type_=UtcDateTime())
-    renew = (
-        sa_update(events)
-        .where(this_event, events.c.owner == _owner, events.c.lease_until.is_not(None))
-        .values(lease_until=renewed_until, expires_at=_later(events.c.seen_until, renewed_until))
-    )
 
     seen_ins = dialect.insert(events).values(
         scope=_scope,
@@ -398,15 +431,26 @@ def queries_for(dialect_name: str) -> Queries:
         index_elements=[followers.c.scope, followers.c.follower_id], set_=refresh_follower
     )
 
+    claimed_until = _p("claimed_until", type_=UtcDateTime())
     claim_followers = (
         sa_update(followers)
         .where(
             in_scope,
             followers.c.leader_id == _leader_id,
+            followers.c.follower_id != _leader_id,
             or_(_not_live(followers.c.claimed_until), followers.c.claimed_by == _owner),
         )
-        .values(claimed_by=_owner, claimed_until=_p("claimed_until", type_=UtcDateTime()))
+        .values(claimed_by=_owner, claimed_until=claimed_until)
         .returning(followers.c.event, followers.c.occurred, followers.c.follower_id)
+    )
+    renew_claims = (
+        sa_update(followers)
+        .where(
+            in_scope,
+            dialect.in_ids(followers.c.leader_id, "leaders"),
+            followers.c.claimed_by == _owner,
+        )
+        .values(claimed_until=claimed_until)
     )
     forget_follower = delete(followers).where(in_scope, followers.c.follower_id == _event_id)
 
@@ -415,7 +459,7 @@ def queries_for(dialect_name: str) -> Queries:
             mark_done, forget_follower, claim_followers
         )
         park_if_leader_unseen, park_always = _park_statements(
-            dialect, flag_leader, follower_values, refresh_follower, release
+            dialect, follower_values, refresh_follower
         )
     else:
         complete_and_claim = complete_only = park_if_leader_unseen = park_always = None
@@ -451,14 +495,33 @@ def queries_for(dialect_name: str) -> Queries:
         ),
         and_(followers.c.claimed_until.is_not(None), followers.c.claimed_until <= _now),
     )
-    take_lost = (
-        delete(followers)
-        .where(in_scope, lost)
+    # A lost follower whose own event is seen was handled (by record_event_as_seen, or by a
+    # worker whose replay skipped it): it is dropped, never handed out again.
+    own = events.alias("own")
+    handled = exists().where(
+        own.c.scope == followers.c.scope,
+        own.c.event_id == followers.c.follower_id,
+        own.c.seen_until > _now,
+    )
+    drop_handled_lost = delete(followers).where(in_scope, lost, handled)
+    claim_lost = (
+        sa_update(followers)
+        .where(in_scope, or_(lost, followers.c.claimed_by == _owner), ~handled)
+        .values(claimed_by=_owner, claimed_until=claimed_until)
         .returning(followers.c.event, followers.c.occurred, followers.c.follower_id)
     )
+    take_lost: Any
+    if dialect.single_statement_steps:
+        dropped = drop_handled_lost.cte("dropped")
+        claimed_lost = claim_lost.cte("claimed_lost")
+        take_lost = select(
+            claimed_lost.c.event, claimed_lost.c.occurred, claimed_lost.c.follower_id
+        ).add_cte(dropped)
+    else:
+        take_lost = claim_lost
     peek_lost = (
         select(followers.c.event)
-        .where(in_scope, lost)
+        .where(in_scope, lost, ~handled)
         .order_by(followers.c.occurred, followers.c.follower_id)
     )
 
@@ -486,7 +549,6 @@ def queries_for(dialect_name: str) -> Queries:
         complete_only=complete_only,
         release=release,
         release_any=release_any,
-        renew=renew,
         mark_seen=mark_seen,
         marks=marks,
         flag_leader=flag_leader,
@@ -494,10 +556,12 @@ def queries_for(dialect_name: str) -> Queries:
         park_if_leader_unseen=park_if_leader_unseen,
         park_always=park_always,
         claim_followers=claim_followers,
+        renew_claims=renew_claims,
         forget_follower=forget_follower,
         followers_of=followers_of,
         followers_by_id=followers_by_id,
         take_lost=take_lost,
+        drop_handled_lost=drop_handled_lost,
         peek_lost=peek_lost,
         clear_events=delete(events).where(events.c.scope == _scope),
         clear_followers=delete(followers).where(in_scope),
@@ -609,9 +673,6 @@ def _batch_statements(dialect: Any, released: dict[str, Any]) -> dict[str, Any]:
             in_scope, dialect.in_ids(events.c.event_id, "ids")
         ),
         "release_many": sa_update(events).where(held).values(released),
-        "renew_many": sa_update(events)
-        .where(held, events.c.lease_until.is_not(None))
-        .values(lease_until=lease_until, expires_at=_later(events.c.seen_until, lease_until)),
         "done_many": done_many,
         "forget_many": forget_many,
         "claim_many": claim_many,
@@ -640,10 +701,51 @@ def _completion_statements(mark_done: Any, forget: Any, claim: Any) -> tuple[Any
 
 
 def _park_statements(
-    dialect: Any, flag_leader: Any, values: dict[str, Any], refresh: dict[str, Any], release: Any
+    dialect: Any, values: dict[str, Any], refresh: dict[str, Any]
 ) -> tuple[Any, Any]:
-    """Parking as one statement: flag the leader, store the follower, end its own lease."""
-    leader = flag_leader.cte("leader")
+    """Parking as one statement: flag the leader, end the follower's own lease, store it.
+
+    The leader's row and the follower's own row are changed by one upsert over ``ids`` (both
+    ids, sorted), so their row locks are taken in id order, as every batch takes its locks. The
+    leader's row is flagged (created as a placeholder if needed); the follower's lease is ended
+    if ``owner`` holds it, whatever the leader's state, since in id order its row may come
+    first. The follower is stored only if the leader is not seen.
+    """
+    hold_until = _p("hold_until", type_=UtcDateTime())
+    ids = dialect.id_list("ids").subquery("park_ids")
+    is_leader = ids.c.id == _leader_id
+    rows = select(
+        cast(_scope, String()),
+        ids.c.id,
+        null(),
+        null(),
+        null(),
+        case((is_leader, hold_until), else_=_now),
+        is_leader,
+    ).where(true())  # WHERE true: as in the batch statements, for SQLite's parser
+    insert = dialect.insert(events).from_select(
+        ["scope", "event_id", "owner", "lease_until", "seen_until", "expires_at", "has_followers"],
+        rows,
+    )
+    excluded = insert.excluded
+    ours = and_(excluded.event_id == _event_id, events.c.owner == _owner)
+    locked = (
+        insert.on_conflict_do_update(
+            index_elements=[events.c.scope, events.c.event_id],
+            set_={
+                "has_followers": or_(events.c.has_followers, excluded.has_followers),
+                "lease_until": case((ours, null()), else_=events.c.lease_until),
+                "expires_at": case(
+                    (excluded.has_followers, _later(events.c.expires_at, hold_until)),
+                    (ours, func.coalesce(events.c.seen_until, _now)),
+                    else_=events.c.expires_at,
+                ),
+            },
+        )
+        .returning(events.c.event_id, events.c.seen_until)
+        .cte("locked")
+    )
+    leader = select(locked.c.seen_until).where(locked.c.event_id == _leader_id).cte("leader")
     leader_seen = exists(select(leader.c.seen_until).where(leader.c.seen_until > _now))
     columns = list(values)
     stored_when_unseen = dialect.insert(followers).from_select(
@@ -660,11 +762,7 @@ def _park_statements(
             index_elements=key, set_={name: getattr(excluded, name) for name in refresh}
         ).cte()
 
-    park_if_unseen = (
-        select(leader.c.seen_until)
-        .add_cte(upsert(stored_when_unseen))
-        .add_cte(release.where(~leader_seen).cte("released"))
-    )
+    park_if_unseen = select(leader.c.seen_until).add_cte(upsert(stored_when_unseen))
     park_always = select(leader.c.seen_until).add_cte(upsert(stored_always))
     return park_if_unseen, park_always
 

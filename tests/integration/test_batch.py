@@ -507,7 +507,7 @@ async def test_a_cycle_in_a_batch_parks_both_and_the_sweep_returns_them_after_th
     clock.advance(PAST_LOOKBACK)
     lost = await ordering.get_lost_followers()
     assert sorted(ids(lost)) == sorted([a_id, b_id])
-    assert await ordering.get_lost_followers() == []  # removed as returned
+    assert await ordering.get_lost_followers() == []  # handed out once: claimed
 
 
 # -- mixing the two paths -----------------------------------------------------------------------

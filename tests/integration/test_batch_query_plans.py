@@ -58,13 +58,13 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
             q.release_many,
             params(scope=scope, owner=owner, now=NOW, ids=ids),
         ),
-        "renew_many: renew a batch's leases": (
-            q.renew_many,
-            params(scope=scope, owner=owner, lease_until=NOW, ids=ids),
+        "renew_claims: renew the claims of a replay": (
+            q.renew_claims,
+            params(scope=scope, owner=owner, claimed_until=NOW, leaders=leaders),
         ),
         "done_many: mark a batch seen": (
             q.done_many,
-            params(scope=scope, owner=owner, seen_until=NOW, ids=ids),
+            params(scope=scope, owner=owner, now=NOW, seen_until=NOW, ids=ids),
         ),
         "forget_many: forget the batch's own parked rows": (
             q.forget_many,

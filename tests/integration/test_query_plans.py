@@ -28,7 +28,7 @@ NOW = datetime.now(UTC)
 
 def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
     q = queries_for(dialect)
-    scope, event_id, owner = "plans", uuid4(), uuid4()
+    scope, event_id, owner, leader_id = "plans", uuid4(), uuid4(), uuid4()
     return {
         "take the lease (and read the leader)": (
             q.acquire,
@@ -61,7 +61,8 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
                 event_id=event_id,
                 owner=owner,
                 now=NOW,
-                leader_id=uuid4(),
+                leader_id=leader_id,
+                ids=q.bind_ids(sorted([event_id, leader_id])),
                 hold_until=NOW,
                 occurred=NOW,
                 received=NOW,
@@ -97,6 +98,17 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         ),
         "lost-follower sweep": (
             q.take_lost,
+            params(
+                scope=scope,
+                now=NOW,
+                horizon=NOW,
+                seen_cutoff=NOW,
+                owner=owner,
+                claimed_until=NOW,
+            ),
+        ),
+        "lost-follower sweep: drop the handled ones": (
+            q.drop_handled_lost,
             params(scope=scope, now=NOW, horizon=NOW, seen_cutoff=NOW),
         ),
         "lost-follower peek": (
@@ -107,10 +119,6 @@ def _statements(dialect: str) -> dict[str, tuple[Any, dict[str, Any]]]:
         "release a lease": (
             q.release,
             params(scope=scope, event_id=event_id, owner=owner, now=NOW),
-        ),
-        "renew a lease": (
-            q.renew,
-            params(scope=scope, event_id=event_id, owner=owner, lease_until=NOW),
         ),
     }
 

@@ -163,9 +163,14 @@ async def test_lost_followers_come_back_after_the_lookback_in_order(
     assert await ordering.get_lost_followers() == []
 
     clock.advance(timedelta(seconds=1))  # exactly the lookback after a and b were received
-    assert await ordering.get_lost_followers() == [b, a]
-    assert await ordering.get_lost_followers() == [], "lost followers are removed once returned"
-    assert await ordering.get_followers(missing_leader) == [recent]
+    lost = await ordering.get_lost_followers()
+    assert lost == [b, a]
+    assert await ordering.get_lost_followers() == [], "handed out once: claimed while handled"
+    recorder = Recorder(ordering)
+    for follower in lost:
+        await recorder.handler(follower)  # as if their leader had come
+    assert recorder.handled == [b.id, a.id]
+    assert await ordering.get_followers(missing_leader) == [recent], "gone once handled"
 
 
 async def test_old_event_goes_through_without_its_leader(
