@@ -446,3 +446,43 @@ async def test_follower_parked_here_is_replayed_by_another_process(
     assert await ordering.get_followers(leader) == []
     for event in (leader, *followers):
         assert await ordering.event_has_been_seen(event)
+
+
+# -- what a SQLite commit survives ---------------------------------------------------------------
+
+
+async def _sqlite_synchronous(ordering: CausalOrdering[Any]) -> int:
+    """``PRAGMA synchronous`` on the engine's own connections: 1 NORMAL, 2 FULL, 3 EXTRA."""
+    db = await ordering._db()
+
+    async def work(conn: Any) -> int:
+        return int((await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one())
+
+    return await db.read(work, action="test")
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("setting", "expected"), [(None, 2), ("NORMAL", 1), ("normal", 1), ("FULL", 2), ("EXTRA", 3)]
+)
+async def test_sqlite_commits_are_durable_unless_told_otherwise(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, setting: str | None, expected: int
+) -> None:
+    """A parked follower is acknowledged as stored: by default its commit must survive a power
+    loss or an OS crash (``synchronous=FULL``), not only a crash of the process (NORMAL, with
+    WAL). ``ORDERING_SQL_SQLITE_SYNCHRONOUS`` chooses otherwise, explicitly."""
+    if setting is not None:
+        monkeypatch.setenv("ORDERING_SQL_SQLITE_SYNCHRONOUS", setting)
+    ordering: CausalOrdering[Any] = CausalOrdering("durable", database_url=sqlite_url)
+    try:
+        await ordering.record_event_as_seen(make_event())
+        assert await _sqlite_synchronous(ordering) == expected
+    finally:
+        await ordering.close()
+
+
+def test_sqlite_refuses_synchronous_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OFF would acknowledge commits that any crash can lose: not offered, a clear error."""
+    monkeypatch.setenv("ORDERING_SQL_SQLITE_SYNCHRONOUS", "OFF")
+    with pytest.raises(ordering_sql.ConfigurationError, match="sqlite_synchronous='OFF'"):
+        CausalOrdering("durable", database_url="sqlite+aiosqlite:///durable.db")

@@ -282,6 +282,32 @@ async def test_a_replayed_followers_claim_is_renewed_while_the_replay_runs(
     assert await sweeper.get_followers(leader) == []
 
 
+async def test_a_follower_past_the_lookback_claimed_by_a_live_replay_waits_for_the_claim(
+    make_ordering: OrderingFactory, clock: Clock
+) -> None:
+    """A follower that a live replay has claimed is not "lost" when it passes the lookback: the
+    sweep leaves it to the replay until the claim expires, and only then hands it out (once)."""
+    worker = make_ordering(preceding_event_lookback=10, claim_timeout=60)
+    sweeper = make_ordering(preceding_event_lookback=10, claim_timeout=60)
+    leader = make_event(received=clock.now, name="leader")
+    (follower,) = followers_of(leader, clock, 1)
+    await Recorder(worker).park(follower)
+    sweeps: list[list[ReceivedEvent]] = []
+
+    async def stall() -> None:  # inside the follower's replay, its claim live
+        clock.advance(timedelta(seconds=11))  # the follower is now past the 10 s lookback
+        sweeps.append(await sweeper.get_lost_followers())
+        clock.advance(timedelta(seconds=60))  # and its claim (60 s, not renewed: real time)
+        sweeps.append(await sweeper.get_lost_followers())
+
+    recorder = Recorder(worker, hooks={follower.id: stall})
+    await bounded(recorder.handler(leader))
+
+    assert sweeps[0] == [], "the sweep took a follower a live replay had claimed"
+    assert ids(sweeps[1]) == [follower.id], "an expired claim hands the follower out"
+    assert recorder.handled == [leader.id, follower.id]
+
+
 async def test_followers_of_a_replay_whose_worker_died_come_back_once_the_claim_expires(
     make_ordering: OrderingFactory, clock: Clock
 ) -> None:
