@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -46,7 +47,13 @@ from ordering_sql.admin import status
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
-from ordering_sql.settings import ENV_SQLITE_SYNCHRONOUS, Settings, mask_url, normalize_url
+from ordering_sql.settings import (
+    ENV_POOLER,
+    ENV_SQLITE_SYNCHRONOUS,
+    Settings,
+    mask_url,
+    normalize_url,
+)
 from ordering_sql.simulation import (
     DeliveryQueue,
     HandledLog,
@@ -278,7 +285,10 @@ async def measure_floors(url: str) -> Floors:
     """
     parsed = normalize_url(url)
     table = f"ordering_bench_floor_{os.getpid()}"
-    engine = create_async_engine(parsed)
+    pooled = Settings.from_env(url).pooler == "transaction"
+    # Behind a transaction pooler the floors prepare unnamed statements too, as the engine does.
+    caches_off = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+    engine = create_async_engine(parsed, connect_args=caches_off if pooled else {})
     try:
         async with engine.connect() as conn:
             await conn.execute(text(f"CREATE TABLE {table} (n INTEGER)"))
@@ -296,7 +306,9 @@ async def measure_floors(url: str) -> Floors:
                 await conn.rollback()
                 sa_select_rate = await _measure(sa_select)
                 await conn.rollback()
-                raw_insert_rate, parallel_rate, raw_select_rate = await _raw_floors(parsed, table)
+                raw_insert_rate, parallel_rate, raw_select_rate = await _raw_floors(
+                    parsed, table, pooled=pooled
+                )
             finally:
                 await conn.execute(text(f"DROP TABLE {table}"))
                 await conn.commit()
@@ -311,7 +323,7 @@ async def measure_floors(url: str) -> Floors:
     )
 
 
-async def _raw_floors(parsed: Any, table: str) -> tuple[float, float, float]:
+async def _raw_floors(parsed: Any, table: str, *, pooled: bool) -> tuple[float, float, float]:
     """The floors through the driver itself (aiosqlite or asyncpg), on the same table.
 
     Returns INSERT + COMMIT per second on one connection, the same summed over
@@ -338,7 +350,7 @@ async def _raw_floors(parsed: Any, table: str) -> tuple[float, float, float]:
         dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
         async def connect() -> Any:
-            return await asyncpg.connect(dsn)
+            return await asyncpg.connect(dsn, statement_cache_size=0 if pooled else 100)
 
         async def insert(raw: Any) -> None:
             await raw.execute(f"INSERT INTO {table} VALUES (1)")
@@ -430,69 +442,91 @@ async def run_bench(
     seed: int = 1,
     workloads: tuple[str, ...] = WORKLOADS,
     sqlite_synchronous: tuple[str, ...] = (),
+    pooled_urls: tuple[str, ...] = (),
     on_step: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Run the floors and ``workloads`` on every database of ``urls``.
+    """Run the floors and ``workloads`` on every database of ``urls``, then of ``pooled_urls``.
 
     ``sqlite_synchronous``: run a SQLite database once per ``PRAGMA synchronous`` setting given
     (its results are labelled ``sqlite-full``, ``sqlite-normal``...), so that one run shows
     what durability costs; empty, once with the configured setting, labelled ``sqlite``.
+    ``pooled_urls``: Postgres databases reached through a transaction pooler (pgbouncer), run
+    with ``ORDERING_SQL_POOLER=transaction`` and labelled ``postgresql-pooled``, so that one run
+    shows what the pooler costs next to a direct connection.
     """
     floors: dict[str, Floors] = {}
     results: list[WorkloadResult] = []
     with tempfile.TemporaryDirectory(prefix="ordering-sql-bench-") as tmp:
         folder = Path(tmp)
-        for url in urls:
-            backend = normalize_url(url).get_backend_name()
-            await migrate(url)
-            modes: tuple[str | None, ...] = (None,)
-            if backend == "sqlite" and sqlite_synchronous:
-                modes = sqlite_synchronous
-            for mode in modes:
-                label = backend if mode is None else f"{backend}-{mode.lower()}"
-                with _sqlite_synchronous(mode):
+        for run in _passes(urls, pooled_urls, sqlite_synchronous):
+            with _environment(run.environment):
+                await migrate(run.url)
+                if on_step:
+                    on_step(f"{run.label}: floors on {mask_url(run.url)}")
+                floor = floors[run.label] = await measure_floors(run.url)
+                for name in workloads:
+                    if name == "W5" and run.backend == "sqlite":
+                        continue  # W5 is a Postgres workload: processes sharing a server
                     if on_step:
-                        on_step(f"{label}: floors on {mask_url(url)}")
-                    floor = floors[label] = await measure_floors(url)
-                    for name in workloads:
-                        if name == "W5" and backend == "sqlite":
-                            continue  # W5 is a Postgres workload: processes sharing a server
-                        if on_step:
-                            on_step(f"{label}: {name}")
-                        results.append(
-                            await run_workload(
-                                name,
-                                url,
-                                events=events,
-                                repeat=repeat,
-                                seed=seed,
-                                floors=floor,
-                                folder=folder,
-                                backend=label,
-                            )
+                        on_step(f"{run.label}: {name}")
+                    results.append(
+                        await run_workload(
+                            name,
+                            run.url,
+                            events=events,
+                            repeat=repeat,
+                            seed=seed,
+                            floors=floor,
+                            folder=folder,
+                            backend=run.label,
                         )
+                    )
     return BenchReport(floors=floors, results=results)
 
 
-@contextlib.contextmanager
-def _sqlite_synchronous(mode: str | None) -> Iterator[None]:
-    """``ORDERING_SQL_SQLITE_SYNCHRONOUS=mode`` for one pass of the bench (None: unchanged).
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """One database measured with one set of ``ORDERING_SQL_*`` settings."""
 
-    The engines of a pass are made within it (each workload run opens and closes its own), so
-    they all take the pass's setting.
+    url: str
+    backend: str
+    label: str
+    environment: dict[str, str]
+
+
+def _passes(
+    urls: list[str], pooled_urls: tuple[str, ...], sqlite_synchronous: tuple[str, ...]
+) -> Iterator[_Pass]:
+    for url in urls:
+        backend = normalize_url(url).get_backend_name()
+        if backend == "sqlite" and sqlite_synchronous:
+            for mode in sqlite_synchronous:
+                env = {ENV_SQLITE_SYNCHRONOUS: mode}
+                yield _Pass(url, backend, f"{backend}-{mode.lower()}", env)
+        else:
+            yield _Pass(url, backend, backend, {})
+    for url in pooled_urls:
+        backend = normalize_url(url).get_backend_name()
+        yield _Pass(url, backend, f"{backend}-pooled", {ENV_POOLER: "transaction"})
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    """``overrides`` in ``os.environ`` for one pass of the bench.
+
+    The engines of a pass are made within it (each workload run opens and closes its own, and
+    W5's worker processes inherit the environment), so they all take the pass's settings.
     """
-    if mode is None:
-        yield
-        return
-    before = os.environ.get(ENV_SQLITE_SYNCHRONOUS)
-    os.environ[ENV_SQLITE_SYNCHRONOUS] = mode
+    before = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[ENV_SQLITE_SYNCHRONOUS]
-        else:
-            os.environ[ENV_SQLITE_SYNCHRONOUS] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def plot(report: BenchReport, path: Path) -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -29,6 +30,7 @@ from ordering_sql.settings import (
     SQLITE_SYNCHRONOUS_MODES,
     Settings,
     mask_url,
+    validate_scope,
 )
 from ordering_sql.store import Store
 from ordering_sql.streaming import MalformedLine, order_lines
@@ -43,14 +45,17 @@ logger = logging.getLogger(__name__)
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_MALFORMED: Final = 3
+#: What a shell reports for a filter ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE: Final = 141
 #: Lines per batch for `order FILE` (stdin goes one line at a time unless --batch is given).
 ORDER_BATCH: Final = 500
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 
-def _database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _database_option(parser: argparse.ArgumentParser, *, prefect: bool = False) -> None:
+    where = parser.add_mutually_exclusive_group() if prefect else parser
+    where.add_argument(
         "--database-url",
         metavar="URL",
         default=None,
@@ -59,6 +64,15 @@ def _database_option(parser: argparse.ArgumentParser) -> None:
             "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
         ),
     )
+    if prefect:
+        where.add_argument(
+            "--prefect",
+            action="store_true",
+            help=(
+                "the database ordering_sql.prefect uses: $ORDERING_SQL_DATABASE_URL, else "
+                "Prefect's own (its settings and profile); needs the prefect extra"
+            ),
+        )
 
 
 def _scope_option(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_p.set_defaults(func=_migrate)
 
     status_p = commands.add_parser("status", help="show seen, processing and parked counts")
-    _database_option(status_p)
+    _database_option(status_p, prefect=True)
     status_p.add_argument("--scope", default=None, help="only this scope (default: all)")
     status_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status_p.set_defaults(func=_status)
@@ -133,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     lost_p = commands.add_parser(
         "lost", help="list the lost followers of a scope as JSON lines (--take removes them)"
     )
-    _database_option(lost_p)
-    _scope_option(lost_p)
+    _database_option(lost_p, prefect=True)
+    lost_p.add_argument(
+        "--scope", default=None, help="the consumer's scope (default; triggers with --prefect)"
+    )
     lost_p.add_argument(
         "--take",
         action="store_true",
@@ -192,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
             "what durability costs (default: once, with $ORDERING_SQL_SQLITE_SYNCHRONOUS or FULL)"
         ),
     )
+    bench_p.add_argument(
+        "--pooled-database-url",
+        metavar="URL",
+        action="append",
+        default=[],
+        help=(
+            "a Postgres database reached through a transaction pooler (pgbouncer), measured with "
+            "ORDERING_SQL_POOLER=transaction after the others; repeat for several"
+        ),
+    )
     bench_p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench_p.add_argument(
         "--plot", metavar="FILE.png", help="draw events/s per workload (needs matplotlib)"
@@ -219,16 +245,36 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 @asynccontextmanager
-async def _store(database_url: str | None) -> AsyncIterator[Store]:
-    store = Store.from_settings(Settings.from_env(database_url))
+async def _store(database_url: str | None, *, read_only: bool = False) -> AsyncIterator[Store]:
+    """A Store of its own for one command; ``read_only`` for the commands that only look,
+    which then create nothing (a missing SQLite file is an error, not a new database)."""
+    settings = Settings.from_env(database_url)
+    if read_only:
+        settings = settings.model_copy(update={"read_only": True})
+    store = Store.from_settings(settings)
     try:
         yield store
     finally:
         await store.dispose()
 
 
+def _database_url(args: argparse.Namespace) -> str | None:
+    """``--database-url``, or with ``--prefect`` the database Prefect's adapter uses."""
+    if not getattr(args, "prefect", False):
+        url: str | None = args.database_url
+        return url
+    try:
+        from ordering_sql import prefect
+    except ImportError as exc:
+        msg = f"--prefect needs Prefect installed: pip install 'ordering-sql[prefect]' ({exc})."
+        raise ConfigurationError(msg) from None
+    return prefect.database_url()
+
+
 async def _status(args: argparse.Namespace) -> int:
-    async with _store(args.database_url) as store:
+    if args.scope is not None:
+        validate_scope(args.scope)
+    async with _store(_database_url(args), read_only=True) as store:
         scopes = await status(store, now=await store.now(), scope=args.scope)
     if args.json:
         print(json.dumps([s.model_dump(mode="json") for s in scopes], indent=2))
@@ -292,10 +338,10 @@ def _open_input(name: str) -> Iterator[BinaryIO]:
 
 
 async def _lost(args: argparse.Namespace) -> int:
+    scope = validate_scope(args.scope or ("triggers" if args.prefect else "default"))
+    database_url = _database_url(args)
     if args.take:
-        ordering: CausalOrdering[ReceivedEvent] = CausalOrdering(
-            args.scope, database_url=args.database_url
-        )
+        ordering: CausalOrdering[ReceivedEvent] = CausalOrdering(scope, database_url=database_url)
         try:
             # Handed over as the engine's sweep does (claimed), printed, and only then removed:
             # if this command dies before the end, the followers come back after the claim.
@@ -309,8 +355,8 @@ async def _lost(args: argparse.Namespace) -> int:
         finally:
             await ordering.close()
     else:
-        async with _store(args.database_url) as store:
-            lines = await peek_lost(store, scope=args.scope, now=await store.now())
+        async with _store(database_url, read_only=True) as store:
+            lines = await peek_lost(store, scope=scope, now=await store.now())
         for line in lines:
             print(line)
     verb = "removed" if args.take else "found (nothing removed; --take removes them)"
@@ -319,7 +365,7 @@ async def _lost(args: argparse.Namespace) -> int:
 
 
 async def _purge(args: argparse.Namespace) -> int:
-    async with _store(args.database_url) as store:
+    async with _store(args.database_url, read_only=args.dry_run) as store:
         result = await purge(store, now=await store.now(), dry_run=args.dry_run)
     verb = "deleted" if result.deleted else "would delete (dry run)"
     print(
@@ -407,6 +453,7 @@ async def _bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             workloads=workloads,
             sqlite_synchronous=modes,
+            pooled_urls=tuple(args.pooled_database_url),
             on_step=lambda step: print(f"bench: {step}", file=sys.stderr),
         )
     _print_bench(report)
@@ -457,14 +504,17 @@ def _print_status_table(scopes: Sequence[ScopeStatus], url: str) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"ordering-sql status: {url}", title_justify="left", box=box.SIMPLE_HEAD)
+    # Scope names and URLs are data: Text() keeps rich from reading "[...]" in them as markup.
+    title = Text(f"ordering-sql status: {url}")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("scope", no_wrap=True)
     for column in ("seen", "expired", "leases", "expired", "parked", "claimed", "lost", "oldest"):
         table.add_column(column, justify="right", no_wrap=True)
     for s in scopes:
         table.add_row(
-            s.scope,
+            Text(s.scope),
             str(s.seen),
             str(s.seen_expired),
             str(s.processing),
@@ -485,7 +535,7 @@ def _print_status_table(scopes: Sequence[ScopeStatus], url: str) -> None:
     if scopes:
         console.print(table)
     else:
-        console.print(f"No ordering state in {url}.")
+        console.print(Text(f"No ordering state in {url}."))
 
 
 def _configure_logging(debug: bool) -> None:
@@ -509,6 +559,13 @@ async def cli(argv: Sequence[str]) -> int:
     func: Handler = args.func
     try:
         return await func(args)
+    except BrokenPipeError:
+        # The reader went away (`ordering-sql order FILE | head`): stop quietly, as a filter
+        # does. Python would flush stdout again at exit and fail on the broken pipe: point it
+        # at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         if args.debug:
             logger.exception("command failed")

@@ -46,9 +46,8 @@ from ordering_sql.errors import (
     LeaseLostError,
     MaxDepthExceeded,
 )
-from ordering_sql.models import EventLike, HasId, ReceivedEvent
-from ordering_sql.schema import SCOPE_LENGTH
-from ordering_sql.settings import Durations, Settings, mask_url
+from ordering_sql.models import EventLike, HasId, ReceivedEvent, check_event, stored_form
+from ordering_sql.settings import Durations, Settings, mask_url, shortened, validate_scope
 from ordering_sql.store import Connection, Store, acquire_store, release_store
 from ordering_sql.store._queries import params
 
@@ -70,9 +69,13 @@ def _event_id(event: UUID | str | HasId) -> UUID:
         try:
             return UUID(event)
         except ValueError:
-            msg = f"Expected an event or an event id, got the string {event!r}."
+            msg = f"Expected an event or an event id, got the string {shortened(event)}."
             raise ConfigurationError(msg) from None
-    return event.id
+    event_id = getattr(event, "id", None)
+    if isinstance(event_id, UUID):
+        return event_id
+    msg = f"Expected an event or an event id (a UUID, or its string), got {shortened(event)}."
+    raise ConfigurationError(msg)
 
 
 def _follows_something(event: EventLike) -> bool:
@@ -170,6 +173,16 @@ class CausalOrdering(Generic[E]):
     arrived_early_error: ClassVar[type[EventArrivedEarly]] = EventArrivedEarly
     being_processed_error: ClassVar[type[EventBeingProcessed]] = EventBeingProcessed
     max_depth_error: ClassVar[type[MaxDepthExceeded]] = MaxDepthExceeded
+    #: What ``preceding_event_confirmed`` does with an event another worker holds right now
+    #: (``event_is_processing`` always raises ``EventBeingProcessed``, as the reference does).
+    #: False: raise ``EventBeingProcessed`` (the consumer redelivers the message later). True,
+    #: for consumers that can only acknowledge (``ordering_sql.prefect``): wait for the holder
+    #: up to ``in_flight_event_timeout``; if it finished, raise ``EventArrivedEarly`` (nothing
+    #: is left to do: acknowledge); if it let go, take the event; if it still holds it, store
+    #: the event to wait behind it, then raise ``EventArrivedEarly``. Stored so, the event is
+    #: forgotten when the holder completes it, and handed back by ``get_lost_followers`` once
+    #: nobody holds it any more (its holder died).
+    wait_for_holder: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -182,11 +195,7 @@ class CausalOrdering(Generic[E]):
         migrate_on_first_use: bool | None = None,
         **durations: Any,
     ) -> None:
-        if not isinstance(scope, str) or not scope or len(scope) > SCOPE_LENGTH:
-            msg = (
-                f"scope must be a non-empty string of at most {SCOPE_LENGTH} chars, got {scope!r}."
-            )
-            raise ConfigurationError(msg)
+        validate_scope(scope)
         if database_url is not None and engine is not None:
             msg = "Pass either database_url or engine, not both."
             raise ConfigurationError(msg)
@@ -268,7 +277,9 @@ class CausalOrdering(Generic[E]):
         ``ReceivedEvent(..., received=await ordering.now())``.
         """
         db = await self._db()
-        return await db.now() if self._clock is None else self._now()
+        if self._clock is None:
+            await db.now()  # checks the database and reads its clock, if a reading is due
+        return self._now()
 
     def _now(self) -> datetime:
         """The time every decision of this instance is made on: the injected clock if one was
@@ -277,7 +288,10 @@ class CausalOrdering(Generic[E]):
             assert self._store is not None, "the store is opened before any time is taken"
             return self._store.clock.now()
         now = self._clock()
-        if now.tzinfo is None:
+        if not isinstance(now, datetime):
+            msg = f"The clock returned {shortened(now)}; it must return aware datetimes."
+            raise ConfigurationError(msg)
+        if now.tzinfo is None or now.utcoffset() is None:
             msg = f"The clock returned a naive datetime {now!r}; it must return aware UTC times."
             raise ConfigurationError(msg)
         return now
@@ -396,28 +410,37 @@ class CausalOrdering(Generic[E]):
 
     async def record_follower(self, event: EventLike) -> None:
         """Store ``event`` as waiting for ``event.follows``."""
+        check_event(event)
         if event.follows is None:
             msg = f"Event {event.id} follows nothing, so it cannot wait for a leader."
             raise ConfigurationError(msg)
+        stored = stored_form(event)
         db = await self._db()
 
         async def work(conn: Connection) -> None:
-            values = self._follower_params(event, now=self._now(), owner=None)
+            values = self._follower_params(event, stored, now=self._now(), owner=None)
             await db.queries.park(conn, values, unless_leader_seen=False)
 
         await db.step(work, action="record_follower")
 
     def _follower_params(
-        self, event: EventLike, *, now: datetime, owner: UUID | None
+        self,
+        event: EventLike,
+        stored: str,
+        *,
+        now: datetime,
+        owner: UUID | None,
+        leader: UUID | None = None,
     ) -> dict[str, Any]:
+        """Parameters to park ``event`` (as ``stored``) on ``leader`` (default: its own)."""
         # The leader's row is kept while its followers may wait: at least the lookback.
         hold = self.durations.preceding_event_lookback + self.durations.claim_timeout
         return self._params(
             event.id,
-            leader_id=event.follows,
+            leader_id=leader or event.follows,
             occurred=event.occurred,
             received=event.received,
-            event=event.model_dump_json(),
+            event=stored,
             now=now,
             owner=owner,
             hold_until=now + hold,
@@ -519,6 +542,7 @@ class CausalOrdering(Generic[E]):
         Raises ``EventBeingProcessed`` if another worker holds the event or it was already seen,
         and ``LeaseLostError`` after the body if the lease expired and was taken over.
         """
+        check_event(event)
         lease = await self._acquire_or_raise(event)
         async with self._holding(lease.token, [event.id]):
             yield
@@ -526,9 +550,11 @@ class CausalOrdering(Generic[E]):
 
     async def wait_for_leader(self, event: EventLike) -> None:
         """Return when ``event`` may be handled; park it and raise ``EventArrivedEarly`` if not."""
+        check_event(event)
         token = self._leases.get(event.id)
         hold = None if token is None else _Hold(token, [event.id])
-        await self._wait_for_leader(event, hold, None)
+        stored = stored_form(event) if _follows_something(event) else None
+        await self._wait_for_leader(event, hold, None, stored)
 
     @asynccontextmanager
     async def preceding_event_confirmed(
@@ -541,6 +567,10 @@ class CausalOrdering(Generic[E]):
         ``EventBeingProcessed``, ``EventArrivedEarly`` (the event is parked: acknowledge it) or
         ``MaxDepthExceeded``.
         """
+        check_event(event)
+        # Checked before the lease is taken: an event that cannot wait for its leader is refused
+        # whether or not it would have to, so its message is never acknowledged half-handled.
+        stored = stored_form(event) if _follows_something(event) else None
         max_depth = self.durations.max_depth_of_preceding_event
         if depth > max_depth:
             self._log(
@@ -552,9 +582,11 @@ class CausalOrdering(Generic[E]):
             )
             raise self.max_depth_error(event)
 
-        lease = await self._acquire_or_raise(event, leader_id=event.follows)
+        lease = await self._acquire_or_raise(
+            event, leader_id=event.follows, stored=stored, wait=self.wait_for_holder
+        )
         async with self._holding(lease.token, [event.id]) as hold:
-            await self._wait_for_leader(event, hold, lease.leader)
+            await self._wait_for_leader(event, hold, lease.leader, stored)
             yield
         followers = await self._complete(event, lease.token, claim=True)
         await self._replay(handler, lease.token, [(event, followers)], depth)
@@ -612,8 +644,19 @@ class CausalOrdering(Generic[E]):
 
         return await db.step(work, action="renew_lease")
 
-    async def _acquire_or_raise(self, event: EventLike, leader_id: UUID | None = None) -> _Lease:
+    async def _acquire_or_raise(
+        self,
+        event: EventLike,
+        leader_id: UUID | None = None,
+        stored: str | None = None,
+        *,
+        wait: bool = False,
+    ) -> _Lease:
+        """Take the lease; ``EventBeingProcessed`` if another worker holds it (or, with
+        ``wait``, see ``wait_for_holder``)."""
         lease = await self._acquire(event.id, leader_id)
+        if lease is None and wait:
+            lease = await self._wait_for_holder(event, leader_id, stored)
         if lease is None:
             self._log(
                 logging.INFO, event, "is already being processed", action="event_is_processing"
@@ -621,16 +664,64 @@ class CausalOrdering(Generic[E]):
             raise self.being_processed_error(event)
         return lease
 
+    async def _wait_for_holder(
+        self, event: EventLike, leader_id: UUID | None, stored: str | None
+    ) -> _Lease:
+        """Wait for the worker that holds ``event``: see ``wait_for_holder``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.durations.in_flight_event_timeout.total_seconds()
+        longest = self.durations.poll_interval.total_seconds()
+        poll = min(0.01, longest)
+        while True:
+            marks = await self._marks(event.id)
+            if marks.seen:
+                self._log(
+                    logging.INFO, event, "was handled by another worker", action="wait_for_holder"
+                )
+                raise self.arrived_early_error(event)
+            if not marks.processing or loop.time() < deadline:
+                if marks.processing:
+                    await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
+                    poll = min(poll * 2, longest)
+                lease = await self._acquire(event.id, leader_id)
+                if lease is not None:
+                    return lease
+                continue
+            await self._wait_behind(event, stored or stored_form(event))
+            self._log(
+                logging.INFO,
+                event,
+                "is being processed by another worker, and waits for it",
+                action="wait_for_holder",
+            )
+            raise self.arrived_early_error(event)
+
+    async def _wait_behind(self, event: EventLike, stored: str) -> None:
+        """Store ``event`` as waiting for its own holder (a follower of itself), unless seen.
+
+        The holder's completion deletes the event's own parked row, so it is forgotten once
+        the holder finishes; the sweep hands such a row back once nobody holds the event.
+        """
+        db = await self._db()
+
+        async def work(conn: Connection) -> None:
+            now = self._now()
+            values = self._follower_params(event, stored, now=now, owner=None, leader=event.id)
+            await db.queries.park(conn, values, unless_leader_seen=True)
+
+        await db.step(work, action="wait_for_holder")
+
     async def _wait_for_leader(
-        self, event: EventLike, hold: _Hold | None, marks: _Marks | None
+        self, event: EventLike, hold: _Hold | None, marks: _Marks | None, stored: str | None
     ) -> None:
         """``hold``: the event's lease, if this worker holds it; ``marks``: the leader's marks
-        if already read (with the lease), else None."""
+        if already read (with the lease), else None; ``stored``: the event's ``stored_form``
+        (None if it follows nothing)."""
         leader = event.follows
         if leader is None or leader == event.id:
             return
         # An old event's leader bookkeeping may be gone already: let it through.
-        if self._now() - event.received >= self.durations.preceding_event_lookback:
+        if await self.now() - event.received >= self.durations.preceding_event_lookback:
             return
         marks = marks or await self._marks(leader)
         if marks.seen:
@@ -641,7 +732,8 @@ class CausalOrdering(Generic[E]):
         if hold is not None:
             await hold.pause()  # parking ends the lease: no renewal may follow it
         try:
-            parked = await self._park(event, None if hold is None else hold.token)
+            assert stored is not None  # the event follows something
+            parked = await self._park(event, stored, None if hold is None else hold.token)
         except EventBeingProcessed:
             if hold is not None:
                 hold.ended = True  # another worker holds it now: nothing of ours to release
@@ -684,7 +776,7 @@ class CausalOrdering(Generic[E]):
         )
         return False
 
-    async def _park(self, event: EventLike, token: UUID | None) -> bool:
+    async def _park(self, event: EventLike, stored: str, token: UUID | None) -> bool:
         """Park ``event`` until its leader completes; False if the leader is seen after all.
 
         Why no follower is orphaned: the parking step flags the leader's row and reads its seen
@@ -704,7 +796,7 @@ class CausalOrdering(Generic[E]):
 
         async def work(conn: Connection) -> bool:
             now = self._now()
-            values = self._follower_params(event, now=now, owner=token)
+            values = self._follower_params(event, stored, now=now, owner=token)
             if await db.queries.park(conn, values, unless_leader_seen=True):
                 return True
             if token is not None and not await self._still_holds(db, conn, event.id, token):
@@ -797,43 +889,32 @@ class CausalOrdering(Generic[E]):
         what = f"the claims on the followers of {_what_is_held(leaders, 'event')}"
         async with self._renewal(renew_claims, interval=self.durations.claim_timeout, what=what):
             for leader, followers in groups:
-                try:
-                    await self._replay_followers(handler, leader, followers, depth)
-                except Exception as exc:
-                    first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-
-    async def _replay_followers(
-        self, handler: EventHandler, leader: EventLike, followers: list[E], depth: int
-    ) -> None:
-        first_error: Exception | None = None
-        for follower in followers:
-            try:
-                await handler(follower, depth + 1)
-            except MaxDepthExceeded:
-                self._log(
-                    logging.WARNING,
-                    leader,
-                    "reached its max depth of %s followers processed.",
-                    self.durations.max_depth_of_preceding_event,
-                    action="replay_followers",
-                )
-                break
-            except (EventBeingProcessed, EventArrivedEarly):
-                continue  # another worker has it, or had it: nothing left to do here
-            except Exception as exc:
-                if first_error is None:
-                    first_error = exc
-                else:
-                    logger.error(
-                        "handler failed for follower %r of %r; it is recovered by "
-                        "get_lost_followers() once its claim expires",
-                        cast("EventLike", follower).id,
-                        leader.id,
-                        exc_info=exc,
-                        extra={"action": "replay_followers", "scope": self.scope},
-                    )
+                for follower in followers:
+                    try:
+                        await handler(follower, depth + 1)
+                    except MaxDepthExceeded:
+                        self._log(
+                            logging.WARNING,
+                            leader,
+                            "reached its max depth of %s followers processed.",
+                            self.durations.max_depth_of_preceding_event,
+                            action="replay_followers",
+                        )
+                        break  # the rest of this leader's followers come back by the sweep
+                    except (EventBeingProcessed, EventArrivedEarly):
+                        continue  # another worker has it, or had it: nothing left to do here
+                    except Exception as exc:
+                        if first_error is None:
+                            first_error = exc
+                            continue
+                        logger.error(
+                            "handler failed for follower %r of %r; it is recovered by "
+                            "get_lost_followers() once its claim expires",
+                            cast("EventLike", follower).id,
+                            leader.id,
+                            exc_info=exc,
+                            extra={"action": "replay_followers", "scope": self.scope},
+                        )
         if first_error is not None:
             raise first_error
 
@@ -867,12 +948,15 @@ class CausalOrdering(Generic[E]):
         """
         unique: dict[UUID, E] = {}
         skipped: list[E] = []
+        stored: dict[UUID, str] = {}  # as in preceding_event_confirmed: checked before leasing
         for event in events:
-            event_id = cast("EventLike", event).id
+            event_id = check_event(event).id
             if event_id in unique:
                 skipped.append(event)
-            else:
-                unique[event_id] = event
+                continue
+            unique[event_id] = event
+            if _follows_something(cast("EventLike", event)):
+                stored[event_id] = stored_form(cast("EventLike", event))
         token = uuid4()
         taken, marks = await self._acquire_batch(unique, token) if unique else (set(), {})
         batch = Batch[E](ready=[], parked=[], skipped=skipped, busy=[])
@@ -880,7 +964,7 @@ class CausalOrdering(Generic[E]):
             if event_id not in taken:
                 seen = marks.get(event_id, _Marks(seen=False, processing=False)).seen
                 (batch.skipped if seen else batch.busy).append(event)
-        await self._sort_batch(batch, unique, taken, marks, token)
+        await self._sort_batch(batch, unique, stored, taken, marks, token)
         ids = [cast("EventLike", event).id for event in batch.ready]
         if not ids:
             yield batch
@@ -944,6 +1028,7 @@ class CausalOrdering(Generic[E]):
         self,
         batch: Batch[E],
         events: dict[UUID, E],
+        stored: dict[UUID, str],
         taken: set[UUID],
         marks: dict[UUID, _Marks],
         token: UUID,
@@ -986,16 +1071,16 @@ class CausalOrdering(Generic[E]):
                 else:
                     go = marks.get(leader_id, _Marks(seen=False, processing=False)).seen
                 if not go:
-                    go = await self._park_in_batch(batch, event, token)
+                    go = await self._park_in_batch(batch, event, stored[e.id], token)
                 ready[e.id] = go
                 if go:
                     batch.ready.append(event)
 
-    async def _park_in_batch(self, batch: Batch[E], event: E, token: UUID) -> bool:
+    async def _park_in_batch(self, batch: Batch[E], event: E, stored: str, token: UUID) -> bool:
         """Park ``event``; True if its leader turned out seen, so it is ready after all."""
         e = cast("EventLike", event)
         try:
-            parked = await self._park(e, token)
+            parked = await self._park(e, stored, token)
         except EventBeingProcessed:
             batch.busy.append(event)  # our lease ended and another worker has it now
             return False

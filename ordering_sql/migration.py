@@ -27,7 +27,16 @@ from ordering_sql.settings import Settings
 from ordering_sql.store import Store
 from ordering_sql.store._dialects import Dialect
 
-__all__ = ["current", "head_revision", "migrate", "script_location", "sql_script", "upgrade"]
+__all__ = [
+    "current",
+    "head_revision",
+    "is_known_revision",
+    "known_revisions",
+    "migrate",
+    "script_location",
+    "sql_script",
+    "upgrade",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,17 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "the migration scripts define no revision"
     return head
+
+
+@cache
+def known_revisions() -> frozenset[str]:
+    """Every revision this version of the code has a script for."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def is_known_revision(revision: str) -> bool:
+    return revision in known_revisions()
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:

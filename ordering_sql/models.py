@@ -9,12 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 from uuid import UUID, uuid4
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, model_validator
 
-__all__ = ["Event", "EventLike", "HasId", "ReceivedEvent", "Resource"]
+from ordering_sql.errors import ConfigurationError
+from ordering_sql.settings import shortened
+
+__all__ = [
+    "Event",
+    "EventLike",
+    "HasId",
+    "ReceivedEvent",
+    "Resource",
+    "check_event",
+    "stored_form",
+]
 
 RESOURCE_ID_LABEL = "prefect.resource.id"
 
@@ -85,6 +96,42 @@ class HasId(Protocol):
 
     @property
     def id(self) -> UUID: ...
+
+
+def check_event(event: Any) -> EventLike:
+    """``event`` if the engine can order it; ``ConfigurationError`` (raised before any I/O) if
+    not: its ``id`` must be a UUID, ``follows`` a UUID or None, and ``occurred`` and
+    ``received`` timezone-aware datetimes (a naive time means a different instant on each
+    machine, so it cannot be ordered or stored unambiguously)."""
+    problems = []
+    if not isinstance(getattr(event, "id", None), UUID):
+        problems.append(f"its id is {shortened(getattr(event, 'id', None))}, not a UUID")
+    follows = getattr(event, "follows", None)
+    if follows is not None and not isinstance(follows, UUID):
+        problems.append(f"it follows {shortened(follows)}, not a UUID")
+    for name in ("occurred", "received"):
+        value = getattr(event, name, None)
+        if not isinstance(value, datetime):
+            problems.append(f"its {name} is {shortened(value)}, not a datetime")
+        elif value.tzinfo is None or value.utcoffset() is None:
+            problems.append(f"its {name} {value.isoformat()} has no timezone")
+    if problems:
+        msg = f"Cannot order {type(event).__name__} {shortened(getattr(event, 'id', event))}: "
+        msg += "; ".join(problems) + "."
+        raise ConfigurationError(msg)
+    return cast("EventLike", event)
+
+
+def stored_form(event: EventLike) -> str:
+    """The JSON an event is kept as while it waits for its leader (``event_type`` reads it
+    back); ``ConfigurationError`` if the event cannot be serialised (a payload value JSON has no
+    form for, say), raised before the event is taken, so its message is never acknowledged."""
+    try:
+        return event.model_dump_json()
+    except (ValueError, TypeError) as exc:  # pydantic's PydanticSerializationError is one
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"Event {event.id} cannot be stored to wait for its leader: {first}"
+        raise ConfigurationError(msg) from exc
 
 
 class EventLike(Protocol):

@@ -16,7 +16,9 @@ Needs the extra: ``pip install 'ordering-sql[prefect]'``.
 
 from __future__ import annotations
 
+import functools
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 try:
@@ -25,13 +27,14 @@ try:
     from prefect.server.events.ordering import memory as prefect_memory
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+    from prefect.types import _datetime as prefect_datetime
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     msg = "ordering_sql.prefect needs Prefect: pip install 'ordering-sql[prefect]'"
     raise ImportError(msg) from exc
 
 from ordering_sql import engine, errors
 from ordering_sql.models import EventLike
-from ordering_sql.settings import ENV_DATABASE_URL
+from ordering_sql.settings import ENV_DATABASE_URL, Durations
 
 __all__ = [
     "CausalOrdering",
@@ -61,14 +64,39 @@ def database_url() -> str:
     return os.environ.get(ENV_DATABASE_URL) or str(PREFECT_API_DATABASE_CONNECTION_URL.value())
 
 
-#: Prefect's ordering constants, as the durations of every instance.
-_PREFECT_DURATIONS: dict[str, Any] = {
-    "preceding_event_lookback": prefect_ordering.PRECEDING_EVENT_LOOKBACK,
-    "processed_event_lookback": prefect_ordering.PROCESSED_EVENT_LOOKBACK,
-    "seen_expiration": prefect_ordering.SEEN_EXPIRATION,
-    "max_depth_of_preceding_event": prefect_ordering.MAX_DEPTH_OF_PRECEDING_EVENT,
-    "in_flight_event_timeout": prefect_memory.IN_FLIGHT_EVENT_TIMEOUT,
-}
+def _prefect_durations() -> Durations:
+    """Prefect's ordering constants as durations, read where and when Prefect's modules read
+    them (``prefect.server.events.ordering``, at each use), so a patched constant counts."""
+    return _durations_of(
+        prefect_ordering.PRECEDING_EVENT_LOOKBACK,
+        prefect_ordering.PROCESSED_EVENT_LOOKBACK,
+        prefect_ordering.SEEN_EXPIRATION,
+        prefect_ordering.MAX_DEPTH_OF_PRECEDING_EVENT,
+        prefect_memory.IN_FLIGHT_EVENT_TIMEOUT,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _durations_of(
+    lookback: timedelta,
+    processed: timedelta,
+    seen: timedelta,
+    max_depth: int,
+    in_flight: timedelta,
+) -> Durations:
+    values: dict[str, Any] = {
+        "preceding_event_lookback": lookback,
+        "processed_event_lookback": processed,
+        "seen_expiration": seen,
+        "max_depth_of_preceding_event": max_depth,
+        "in_flight_event_timeout": in_flight,
+    }
+    if lookback > timedelta(0):
+        return Durations.build(**values)
+    # Prefect's own tests make every parked follower lost at once with a lookback below zero;
+    # its modules take it as it is (the horizon is then in the future), and so does this one.
+    usual = Durations.build(**{**values, "preceding_event_lookback": timedelta(seconds=1)})
+    return usual.model_copy(update={"preceding_event_lookback": lookback})
 
 
 class CausalOrdering(engine.CausalOrdering[ReceivedEvent], prefect_ordering.CausalOrdering):
@@ -86,6 +114,11 @@ class CausalOrdering(engine.CausalOrdering[ReceivedEvent], prefect_ordering.Caus
     arrived_early_error: ClassVar[type[errors.EventArrivedEarly]] = EventArrivedEarly
     being_processed_error: ClassVar[type[errors.EventBeingProcessed]] = EventBeingProcessed
     max_depth_error: ClassVar[type[errors.MaxDepthExceeded]] = MaxDepthExceeded
+    #: Prefect's consumer acknowledges a message only when ``EventArrivedEarly`` is raised and
+    #: treats every other exception as a failure (an ERROR, retries, a dead letter). An event
+    #: that another server holds right now is therefore waited for, then acknowledged, instead
+    #: of raising ``EventBeingProcessed`` (see ``engine.CausalOrdering.wait_for_holder``).
+    wait_for_holder: ClassVar[bool] = True
 
     def __init__(self, scope: str) -> None:
         super().__init__(
@@ -93,8 +126,26 @@ class CausalOrdering(engine.CausalOrdering[ReceivedEvent], prefect_ordering.Caus
             database_url=database_url(),
             event_type=ReceivedEvent,
             migrate_on_first_use=True,
-            **_PREFECT_DURATIONS,
         )
+
+    @property
+    def durations(self) -> Durations:
+        """Prefect's ordering constants (its lookbacks, depth and in-flight wait)."""
+        return _prefect_durations()
+
+    @durations.setter
+    def durations(self, _value: Durations) -> None:
+        pass  # the base class sets its defaults; Prefect's constants are read at each use
+
+    def _now(self) -> datetime:
+        """The database's clock, moved as far as Prefect's own clock stands from the real one.
+
+        Prefect's tests move time by patching ``prefect.types._datetime.now``; this follows
+        them, and stays on the clock every server shares (the database's) when nothing is
+        patched (the two readings then differ by microseconds).
+        """
+        moved = prefect_datetime.now("UTC") - datetime.now(UTC)
+        return super()._now() + moved
 
     def _log(self, level: int, event: EventLike, message: str, *args: Any, action: str) -> None:
         # Prefect's wording and fields, so its log filters and dashboards keep working.

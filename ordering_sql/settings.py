@@ -6,6 +6,7 @@ Environment variables are read here and nowhere else (``ORDERING_SQL_*``).
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Any, Final, Literal, Self, get_args
@@ -22,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ordering_sql.errors import ConfigurationError
+from ordering_sql.schema import SCOPE_LENGTH
 
 __all__ = [
     "DEFAULT_DATABASE_URL",
@@ -35,6 +37,8 @@ __all__ = [
     "Settings",
     "mask_url",
     "normalize_url",
+    "shortened",
+    "validate_scope",
 ]
 
 #: How long a follower may wait for its leader; also the age past which an event goes through.
@@ -56,6 +60,7 @@ ENV_BUSY_TIMEOUT: Final = "ORDERING_SQL_BUSY_TIMEOUT"
 ENV_ECHO: Final = "ORDERING_SQL_ECHO"
 ENV_DIRECT_DRIVER: Final = "ORDERING_SQL_DIRECT_DRIVER"
 ENV_SQLITE_SYNCHRONOUS: Final = "ORDERING_SQL_SQLITE_SYNCHRONOUS"
+ENV_POOLER: Final = "ORDERING_SQL_POOLER"
 
 _DRIVERS: Final = {
     "sqlite": "sqlite+aiosqlite",
@@ -69,6 +74,7 @@ PositiveDuration = Annotated[timedelta, Field(gt=timedelta(0))]
 SqliteSynchronous = Literal["FULL", "EXTRA", "NORMAL"]
 #: The ``PRAGMA synchronous`` modes ordering-sql runs SQLite with; OFF is not offered.
 SQLITE_SYNCHRONOUS_MODES: Final = get_args(SqliteSynchronous)
+Pooler = Literal["none", "session", "transaction"]
 
 
 class Durations(BaseModel):
@@ -134,7 +140,7 @@ def normalize_url(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        msg = f"Cannot parse database URL {_mask_raw(str(url))!r}."
+        msg = f"Cannot parse database URL {mask_url(str(url))!r}."
         raise ConfigurationError(msg) from None
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
@@ -143,25 +149,78 @@ def normalize_url(url: str | URL) -> URL:
             "expected 'sqlite+aiosqlite' or 'postgresql+asyncpg'."
         )
         raise ConfigurationError(msg)
+    if parsed.host and "@" in parsed.host:
+        # A password with an unescaped "@": SQLAlchemy ends the password at the first "@" and
+        # takes the rest for the host. The host comes after the last "@", as browsers read it.
+        extra, _, host = parsed.host.rpartition("@")
+        parsed = parsed.set(password=f"{parsed.password or ''}@{extra}", host=host)
     return parsed.set(drivername=driver)
 
 
 def mask_url(url: str | URL) -> str:
-    """Render a URL for messages and logs, with any password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return _mask_raw(str(url))
+    """Render a URL for messages and logs, with every password in it replaced by ``***``.
+
+    Both places a password can stand are masked: after the user name (everything up to the
+    last ``@`` before the host, so a password holding an unescaped ``@`` goes too), and query
+    parameters such as ``?password=``. User, host and database still show.
+    """
+    if isinstance(url, URL):
+        url = url.render_as_string(hide_password=False)
+    scheme, separator, rest = str(url).partition("://")
+    if not separator:  # not a URL SQLAlchemy reads: the user name starts after the last "/"
+        head, at, tail = str(url).rpartition("@")
+        if not at:
+            return _PASSWORD_PARAMETER.sub(r"\1***", str(url))
+        prefix, slash, credentials = head.rpartition("/")
+        user, colon, _ = credentials.partition(":")
+        tail = _PASSWORD_PARAMETER.sub(r"\1***", tail)
+        return f"{prefix}{slash}{user}{':***' if colon else ''}@{tail}"
+    query_at = rest.find("?")
+    authority_end = len(rest) if query_at < 0 else query_at
+    last_at = rest.rfind("@", 0, authority_end)
+    if last_at >= 0:
+        user, colon, _ = rest[:last_at].partition(":")
+        rest = f"{user}{':***' if colon else ''}{rest[last_at:]}"
+    rest = _PASSWORD_PARAMETER.sub(r"\1***", rest)
+    return f"{scheme}://{rest}"
 
 
-def _mask_raw(url: str) -> str:
-    """Mask a URL that does not parse: whatever stands between a user name and '@' goes."""
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    prefix, slash, credentials = head.rpartition("/")
-    user = credentials.split(":", 1)[0]
-    return f"{prefix}{slash}{user}:***@{host}"
+#: A query parameter that carries a password (libpq's and asyncpg's names).
+_PASSWORD_PARAMETER: Final = re.compile(
+    r"([?&](?:password|passwd|pass|pwd|sslpassword)=)[^&#]*", re.IGNORECASE
+)
+
+
+def validate_scope(scope: object) -> str:
+    """``scope`` if it is a valid scope name; ``ConfigurationError`` (quoting it shortened) if
+    not: a non-empty string of at most ``SCOPE_LENGTH`` characters, storable on every backend
+    (no NUL, no lone surrogate: it must encode as UTF-8)."""
+    problem = None
+    if not isinstance(scope, str) or not scope:
+        problem = "a non-empty string"
+    elif len(scope) > SCOPE_LENGTH:
+        problem = f"at most {SCOPE_LENGTH} characters long (it has {len(scope):,})"
+    elif "\x00" in scope:
+        problem = "free of NUL characters"
+    else:
+        try:
+            scope.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "valid Unicode text (it holds a lone surrogate, as undecodable bytes give)"
+    if problem is not None:
+        msg = f"A scope must be {problem}; got {shortened(scope)}."
+        raise ConfigurationError(msg)
+    assert isinstance(scope, str)
+    return scope
+
+
+def shortened(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters for messages."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[: limit - 3]}...{size}"
 
 
 class Settings(BaseModel):
@@ -181,11 +240,25 @@ class Settings(BaseModel):
     #: power loss and OS crashes: a parked follower, once acknowledged, is on disk. NORMAL is
     #: faster (with WAL, a commit then survives a crash of the process, not of the machine).
     sqlite_synchronous: SqliteSynchronous = "FULL"
+    #: The connection pooler between ordering-sql and Postgres, by its pooling mode (pgbouncer's
+    #: ``pool_mode``). ``transaction``: a server connection serves one transaction, so nothing
+    #: may outlive one; ordering-sql then uses no named prepared statements (asyncpg's and
+    #: SQLAlchemy's statement caches are off) and keeps no other session state. ``session`` and
+    #: ``none`` need nothing special.
+    pooler: Pooler = "none"
+    #: Open the database for reading only (the operator commands that only look): nothing is
+    #: created or migrated, a missing SQLite file is an error, and a read-only one can be read.
+    read_only: bool = False
 
     @field_validator("sqlite_synchronous", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("pooler", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, database_url: str | None = None) -> Settings:
@@ -200,6 +273,7 @@ class Settings(BaseModel):
             ("echo", ENV_ECHO),
             ("direct_driver", ENV_DIRECT_DRIVER),
             ("sqlite_synchronous", ENV_SQLITE_SYNCHRONOUS),
+            ("pooler", ENV_POOLER),
         ):
             if os.environ.get(env):
                 values[key] = os.environ[env]

@@ -79,6 +79,8 @@ class Store:
         self.queries: Queries = queries_for(engine.dialect.name)
         self.url = mask_url(engine.url)
         self.disposed = False  # set by dispose(): instances then fetch a fresh shared Store
+        #: Opened only to look (``Settings.read_only``): never created, never migrated.
+        self.read_only = False
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._next_purge: datetime | None = None
@@ -97,16 +99,31 @@ class Store:
         self._direct = DriverConnections(engine, keep=keep) if direct else None
         #: The database's clock, which every expiry decision is made on (``store/_clock.py``).
         self.clock = DatabaseClock(self._read_clock)
+        #: What the database and its drivers raise: SQLAlchemy's wrapped errors, the driver's
+        #: own (the direct path), and the DBAPI errors of SQLAlchemy's driver adapter, which
+        #: reach us unwrapped where a pooled connection is opened (``raw_connection``).
+        self._driver_errors: tuple[type[BaseException], ...] = (
+            DBAPIError,
+            OSError,
+            TimeoutError,
+            *DRIVER_ERRORS,
+            engine.dialect.loaded_dbapi.Error,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
-        url = settings.url
-        dialect = dialect_for(url.get_backend_name())
+        dialect = dialect_for(settings.url.get_backend_name())
+        url = dialect.engine_url(settings.url, settings)
         engine = create_async_engine(
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
         dialect.configure(engine, settings)
-        return cls(engine, owns_engine=True, direct=settings.direct_driver, keep=settings.pool_size)
+        store = cls(
+            engine, owns_engine=True, direct=settings.direct_driver, keep=settings.pool_size
+        )
+        store.read_only = settings.read_only
+        store.url = mask_url(settings.url)  # as given, not the engine's form of it
+        return store
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine, *, settings: Settings | None = None) -> Store:
@@ -200,6 +217,8 @@ class Store:
                         f"Database {self.url!r} kept failing during {action} after {number} "
                         f"attempts: {_describe(cause)}"
                     )
+                    if cause is not None and _could_not_connect(cause):
+                        raise DatabaseUnavailableError(msg, url=self.url) from cause
                     raise gives_up_as(msg, url=self.url) from cause
                 delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (number - 1))
                 delay *= 0.5 + random.random()  # jitter, so competing workers spread out
@@ -248,7 +267,7 @@ class Store:
                     yield sa_conn
         except OrderingError:
             raise
-        except (DBAPIError, OSError, TimeoutError, *DRIVER_ERRORS) as exc:
+        except self._driver_errors as exc:
             failure = self.dialect.classify(exc)
             if failure is Failure.RETRYABLE:
                 raise _Transient from exc
@@ -291,8 +310,9 @@ class Store:
 
             expected = migration.head_revision()
             current = await self._with_retries(self._current_revision)
+            _refuse_a_newer_schema(self.url, current, expected)
             if migrate is None:
-                migrate = self.dialect.migrates_on_first_use
+                migrate = self.dialect.migrates_on_first_use and not self.read_only
             if current != expected and migrate and self.owns_engine:
                 logger.info("migrating database %s to %s", self.url, expected)
                 await self.migrate()
@@ -343,11 +363,13 @@ class Store:
                 await migration.run_upgrade(conn, self.dialect, revision)
 
         self._check_reachable()
+        current = await self._with_retries(self._current_revision)
+        _refuse_a_newer_schema(self.url, current, migration.head_revision())
         await self._with_retries(attempt)
         self._ready = False
 
     def _check_reachable(self) -> None:
-        reason = self.dialect.unreachable(self.engine.url)
+        reason = self.dialect.unreachable(self.engine.url, read_only=self.read_only)
         if reason is not None:
             msg = f"Cannot connect to database {self.url!r}: {reason}."
             raise DatabaseUnavailableError(msg, url=self.url)
@@ -390,8 +412,40 @@ def _not_ready(url: str, current: str | None, expected: str) -> SchemaNotReadyEr
     return SchemaNotReadyError(msg, url=url, current=current, expected=expected)
 
 
+def _refuse_a_newer_schema(url: str, current: str | None, expected: str) -> None:
+    """``SchemaNotReadyError`` if the database is at a revision this code does not know: a newer
+    ordering-sql migrated it, and only upgrading ordering-sql can help."""
+    from ordering_sql import migration  # imported late: it pulls in Alembic
+
+    if current is None or migration.is_known_revision(current):
+        return
+    msg = (
+        f"Database {url!r} is at revision {current!r}, which this version of ordering-sql "
+        f"does not know (its newest is {expected!r}): a newer ordering-sql migrated it. "
+        "Upgrade ordering-sql (`pip install --upgrade ordering-sql`) on this machine."
+    )
+    raise SchemaNotReadyError(msg, url=url, current=current, expected=expected)
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | InterfaceError)
+
+
+#: SQLSTATE of a server that refuses new sessions for now (starting up, shutting down).
+_CANNOT_CONNECT_NOW: Final = "57P03"
+
+
+def _could_not_connect(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) means no session could be opened:
+    a refused or timed-out connect, or a server that accepts no connections right now."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError | TimeoutError):
+            return True
+        if getattr(cause, "sqlstate", None) == _CANNOT_CONNECT_NOW:
+            return True
+        cause = cause.__cause__ or (cause.orig if isinstance(cause, DBAPIError) else None)
+    return False
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 import sqlite3
 import weakref
 from collections.abc import Callable, Iterable
@@ -71,6 +72,9 @@ class Dialect(Protocol):
     #: execution layer (``store/_driver.py``); None where every unit goes through SQLAlchemy.
     direct_driver: ClassVar[str | None]
 
+    def engine_url(self, url: URL, settings: Settings) -> URL:
+        """The URL to create the engine with (``url``, or a form of it that ``settings`` need)."""
+
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
 
@@ -100,8 +104,9 @@ class Dialect(Protocol):
     def classify(self, exc: BaseException) -> Failure:
         """Sort a driver error into a ``Failure``."""
 
-    def unreachable(self, url: URL) -> str | None:
-        """Why ``url`` cannot work, if that is known without connecting; else None."""
+    def unreachable(self, url: URL, *, read_only: bool = False) -> str | None:
+        """Why ``url`` cannot work, if that is known without connecting; else None. With
+        ``read_only``, a database that would have to be created first cannot work either."""
 
     def one_connection(self, url: URL) -> bool:
         """Whether the database behind ``url`` lives on one connection that every unit shares."""
@@ -130,6 +135,18 @@ class SqliteDialect:
     single_statement_steps: ClassVar[bool] = False
     direct_driver: ClassVar[str | None] = None
 
+    def engine_url(self, url: URL, settings: Settings) -> URL:
+        if not settings.read_only or self.one_connection(url) or _is_uri(url):
+            return url
+        # SQLite's read-only mode: no database is created, and nothing is written to one.
+        path = Path(str(url.database)).expanduser().absolute()
+        mode = "mode=ro"
+        if not os.access(path.parent, os.W_OK) and not path.with_name(f"{path.name}-shm").exists():
+            # A WAL database needs its -shm file, even to be read; where it cannot be made, the
+            # file can only be read as immutable, which it is to a reader that cannot write.
+            mode = "mode=ro&immutable=1"
+        return url.set(database=f"file:{path.as_posix()}?{mode}", query={"uri": "true"})
+
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         # sqlite3's ``timeout`` is SQLite's busy timeout: how long to wait for the write lock.
         options: dict[str, Any] = {"connect_args": {"timeout": settings.busy_timeout_s}}
@@ -149,7 +166,8 @@ class SqliteDialect:
             return
         _configured.add(sync_engine)
         pragmas = (
-            "PRAGMA journal_mode=WAL",
+            # A reader leaves the journal as it is (switching it would write).
+            *(() if settings.read_only else ("PRAGMA journal_mode=WAL",)),
             # FULL by default: a commit, and so an acknowledged parked follower, survives a
             # power loss or an OS crash; NORMAL survives only a crash of the process.
             f"PRAGMA synchronous={settings.sqlite_synchronous}",
@@ -188,14 +206,17 @@ class SqliteDialect:
         # lock, so no other writer can interleave with it.
         return None
 
-    def unreachable(self, url: URL) -> str | None:
+    def unreachable(self, url: URL, *, read_only: bool = False) -> str | None:
         # Checked up front because a failed aiosqlite connect leaves its worker thread to
         # report to an event loop that may be gone by then.
-        if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+        if self.one_connection(url) or url.database is None:
             return None
-        folder = Path(url.database).expanduser().absolute().parent
-        if not folder.is_dir():
-            return f"the directory {str(folder)!r} does not exist"
+        database = url.database.removeprefix("file:").partition("?")[0]
+        path = Path(database).expanduser().absolute()
+        if read_only and not path.is_file():
+            return f"the database file {str(path)!r} does not exist"
+        if not path.parent.is_dir():
+            return f"the directory {str(path.parent)!r} does not exist"
         return None
 
     def one_connection(self, url: URL) -> bool:
@@ -206,8 +227,10 @@ class SqliteDialect:
     ) -> datetime:
         # No connection needed: the shared clock is the kernel's, on the host of the file.
         database = url.database
-        if database is None or self.one_connection(url) or database.startswith("file:"):
-            return process_time()  # a memory database lives in this process only
+        if database is None or self.one_connection(url) or _is_uri(url):
+            # A memory database lives in this process only; a URI (read-only, say) is read
+            # without writing the clock file beside it.
+            return process_time()
         return host_time(database) or process_time()
 
     def classify(self, exc: BaseException) -> Failure:
@@ -219,6 +242,11 @@ class SqliteDialect:
             if name.startswith("SQLITE_CANTOPEN"):
                 return Failure.UNAVAILABLE
         return Failure.OTHER
+
+
+def _is_uri(url: URL) -> bool:
+    """Whether a SQLite URL names its database as a ``file:`` URI."""
+    return str(url.database or "").startswith("file:")
 
 
 #: Engines whose connection hooks are installed already (a host's engine may be wrapped often).
@@ -262,14 +290,25 @@ class PostgresDialect:
     single_statement_steps: ClassVar[bool] = True
     direct_driver: ClassVar[str | None] = "asyncpg"
 
+    def engine_url(self, url: URL, settings: Settings) -> URL:
+        return url
+
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
+        connect_args: dict[str, Any] = {"timeout": settings.connect_timeout_s}
+        if settings.pooler == "transaction":
+            # Behind a transaction pooler, consecutive transactions may run on different server
+            # connections, so a named prepared statement made in one is missing in the next.
+            # With both caches off, asyncpg prepares every statement unnamed, with its Parse and
+            # its Execute in the same implicit transaction (one Sync), which a pooler keeps on
+            # one server connection.
+            connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0)
         return {
             "pool_size": settings.pool_size,
             "max_overflow": settings.pool_size,
             # No pre-ping (it costs a round trip per checkout): a connection dropped by a database
             # restart fails its statement as "invalidated", SQLAlchemy then discards every pooled
             # connection older than it, and the Store retries the unit of work on a fresh one.
-            "connect_args": {"timeout": settings.connect_timeout_s},
+            "connect_args": connect_args,
         }
 
     def configure(self, engine: AsyncEngine, settings: Settings) -> None:
@@ -295,7 +334,7 @@ class PostgresDialect:
         # A transaction-scoped advisory lock: released at commit, locks nothing else.
         await conn.execute(_ADVISORY_LOCK, {"key": advisory_key(scope, key)})
 
-    def unreachable(self, url: URL) -> str | None:
+    def unreachable(self, url: URL, *, read_only: bool = False) -> str | None:
         return None
 
     def one_connection(self, url: URL) -> bool:
@@ -317,8 +356,12 @@ class PostgresDialect:
             return Failure.UNAVAILABLE
         if code in _PG_RETRYABLE or (isinstance(code, str) and code.startswith("08")):
             return Failure.RETRYABLE  # class 08: connection exception
+        # SQLAlchemy's asyncpg adapter raises DBAPI errors of its own, asyncpg's as the cause.
+        root: BaseException = orig if orig is not None else exc
+        while root.__cause__ is not None:
+            root = root.__cause__
         if isinstance(
-            orig, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+            root, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
         ):
             # Refused, reset or closed while the server restarts; or a connection that an
             # earlier failure left mid-operation (it is discarded, the retry takes another).

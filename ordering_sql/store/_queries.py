@@ -486,18 +486,28 @@ def queries_for(dialect_name: str) -> Queries:
         leader.c.seen_until > _now,
         leader.c.seen_until <= _p("seen_cutoff", type_=UtcDateTime()),
     )
+    # An event that waits behind the worker holding it (``CausalOrdering.wait_for_holder``) is
+    # stored as its own follower: lost once nobody holds it.
+    own = events.alias("own")
+    own_held = exists().where(
+        own.c.scope == followers.c.scope,
+        own.c.event_id == followers.c.follower_id,
+        own.c.lease_until > _now,
+    )
+    behind_a_dead_holder = and_(followers.c.leader_id == followers.c.follower_id, ~own_held)
     lost = or_(
         and_(
             followers.c.claimed_until.is_(None),
             or_(
-                followers.c.received <= _p("horizon", type_=UtcDateTime()), leader_done_a_while_ago
+                followers.c.received <= _p("horizon", type_=UtcDateTime()),
+                leader_done_a_while_ago,
+                behind_a_dead_holder,
             ),
         ),
         and_(followers.c.claimed_until.is_not(None), followers.c.claimed_until <= _now),
     )
     # A lost follower whose own event is seen was handled (by record_event_as_seen, or by a
     # worker whose replay skipped it): it is dropped, never handed out again.
-    own = events.alias("own")
     handled = exists().where(
         own.c.scope == followers.c.scope,
         own.c.event_id == followers.c.follower_id,
