@@ -35,8 +35,7 @@ import random
 import sys
 import time
 import traceback
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -51,7 +50,7 @@ from ordering_sql import (
     ReceivedEvent,
     dispose_engines,
 )
-from ordering_sql.simulation import HandledLog, read_deliveries
+from ordering_sql.simulation import DeliveryQueue, HandledLog, read_deliveries
 
 #: How long the worker waits for the start signal before giving up.
 SIGNAL_TIMEOUT_S = 60.0
@@ -86,28 +85,11 @@ class RestartWorkerSpec(BaseModel):
     seed: int = 0
 
 
-class Queue:
-    """Deliveries with redelivery: a nacked event comes back after a delay."""
+class Queue(DeliveryQueue):
+    """The simulation's queue (a nacked event comes back after a delay), read with a timeout:
+    the worker also sweeps, and waits for late followers, while nothing is ready."""
 
-    def __init__(self, deliveries: Iterable[ReceivedEvent]) -> None:
-        self._ready: deque[ReceivedEvent] = deque(deliveries)
-        self._delayed = 0
-        self._changed = asyncio.Event()
-
-    def put(self, event: ReceivedEvent) -> None:
-        self._ready.append(event)
-        self._changed.set()
-
-    def put_later(self, event: ReceivedEvent, delay: float) -> None:
-        self._delayed += 1
-
-        def back() -> None:
-            self._delayed -= 1
-            self.put(event)
-
-        asyncio.get_running_loop().call_later(delay, back)
-
-    async def get(self, wait: float) -> ReceivedEvent | None:
+    async def get_within(self, wait: float) -> ReceivedEvent | None:
         """The next delivery, or None if none is ready within ``wait`` seconds."""
         if not self._ready:
             self._changed.clear()
@@ -116,9 +98,6 @@ class Queue:
             except TimeoutError:
                 return None
         return self._ready.popleft() if self._ready else None
-
-    def __len__(self) -> int:
-        return len(self._ready) + self._delayed
 
 
 class RetryCounter(logging.Handler):
@@ -226,7 +205,7 @@ class Worker:
             if loop.time() >= next_sweep:
                 await self.sweep()
                 next_sweep = loop.time() + self.spec.sweep_every
-            event = await self.queue.get(wait=0.05)
+            event = await self.queue.get_within(0.05)
             if event is None:
                 if len(self.queue) == 0 and _exists(self.spec.stop_file):
                     return

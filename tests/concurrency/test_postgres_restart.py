@@ -29,19 +29,18 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines, migrate
-from ordering_sql.admin import ScopeStatus, status
-from ordering_sql.settings import ENV_DIRECT_DRIVER, Settings
-from ordering_sql.simulation import build_stream, check, read_log, write_deliveries
-from ordering_sql.store import Store
+from ordering_sql import dispose_engines, migrate
+from ordering_sql.admin import ScopeStatus
+from ordering_sql.settings import ENV_DIRECT_DRIVER
+from ordering_sql.simulation import build_stream, check, write_deliveries
 from tests.concurrency._restart_worker import RestartWorkerSpec
+from tests.concurrency.test_processes import assert_nothing_left, records_of, scope_status
 from tests.pg_servers import ThrowawayPostgres
 from tests.support import REPO_ROOT, child_env
 
@@ -70,7 +69,6 @@ SETTLE_S = 60.0
 #: The longest any child process may run before it is killed and the test fails.
 CHILD_TIMEOUT_S = 120.0
 #: Past the lookback (15 min) and every claim timeout used here: what is lost then is lost.
-LATER = timedelta(minutes=20)
 
 
 async def bounded(awaitable: Any, seconds: float) -> Any:
@@ -195,58 +193,12 @@ async def children(tmp_path: Path) -> AsyncIterator[Children]:
 # -- looking at the results ----------------------------------------------------------------------
 
 
-def records_of(logs: Iterable[Path]) -> list[dict[str, Any]]:
-    return [record for log in logs if log.exists() for record in read_log(log)]
-
-
 def ended(records: Iterable[dict[str, Any]]) -> set[str]:
     return {record["id"] for record in records if record["k"] == "end"}
 
 
-async def scope_status(database_url: str, scope: str) -> ScopeStatus:
-    """What ``ordering-sql status`` shows for ``scope`` right now."""
-    store = Store.from_settings(Settings(database_url=database_url))
-    try:
-        found = await status(store, now=datetime.now(UTC), scope=scope)
-    finally:
-        await store.dispose()
-    return found[0] if found else ScopeStatus(scope=scope)
-
-
 def settled(state: ScopeStatus, events: int) -> bool:
     return (state.parked, state.claimed, state.processing, state.seen) == (0, 0, 0, events)
-
-
-async def assert_nothing_left(
-    database_url: str, scope: str, events: Sequence[ReceivedEvent]
-) -> None:
-    """No follower parked or claimed, none lost even long after, and every event seen
-    (the approach of ``assert_nothing_left`` in ``test_processes.py``)."""
-    probe: CausalOrdering[ReceivedEvent] = CausalOrdering(scope, database_url=database_url)
-    later: CausalOrdering[ReceivedEvent] = CausalOrdering(
-        scope, database_url=database_url, clock=lambda: datetime.now(UTC) + LATER
-    )
-    try:
-        ids = [event.id for event in events]
-        assert await probe.followers_by_id(ids) == [], "followers are still stored"
-        leaders = sorted({event.follows for event in events if event.follows is not None})
-        for at in range(0, len(leaders), 50):
-            batch = leaders[at : at + 50]
-            waiting = await asyncio.gather(*(probe.get_followers(leader) for leader in batch))
-            assert not any(waiting), "a leader still has followers waiting"
-        unseen = 0
-        for at in range(0, len(events), 50):
-            batch_events = events[at : at + 50]
-            seen = await asyncio.gather(*(probe.event_has_been_seen(e) for e in batch_events))
-            unseen += seen.count(False)
-        assert unseen == 0, f"{unseen} events not marked seen"
-        assert await later.get_lost_followers() == [], "followers lost past every timeout"
-    finally:
-        await probe.close()
-        await later.close()
-    state = await scope_status(database_url, scope)
-    assert (state.parked, state.claimed, state.processing) == (0, 0, 0), state
-    assert state.seen == len({event.id for event in events}), state
 
 
 def _total(reports: Sequence[dict[str, Any]], key: str) -> Counter[str]:
