@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
-from sqlalchemy import Engine, text
-from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -28,7 +27,6 @@ from ordering_sql.errors import (
     SchemaNotReadyError,
     StoreError,
 )
-from ordering_sql.schema import VERSION_TABLE
 from ordering_sql.settings import Settings, mask_url
 from ordering_sql.store._clock import DatabaseClock
 from ordering_sql.store._dialects import Dialect, Failure, dialect_for
@@ -298,7 +296,7 @@ class Store:
         With ``migrate`` left at None, SQLite databases are migrated on first use (they are
         embedded and private to the application) and any other database must be migrated
         explicitly; ``migrate=True`` migrates any database this Store owns the engine of.
-        Several processes migrating at once take turns (see ``migration.run_upgrade``).
+        Several processes migrating at once take turns (see ``_migrations.run_upgrade``).
         """
         if self._ready:
             return
@@ -306,9 +304,9 @@ class Store:
             if self._ready:
                 return
             self._check_reachable()
-            from ordering_sql import migration  # imported late: it pulls in Alembic
+            from ordering_sql.store import _migrations  # imported late: it pulls in Alembic
 
-            expected = migration.head_revision()
+            expected = _migrations.head_revision()
             current = await self._with_retries(self._current_revision)
             _refuse_a_newer_schema(self.url, current, expected)
             if migrate is None:
@@ -355,16 +353,19 @@ class Store:
 
     async def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision``, in one transaction (retrying transient faults)."""
-        from ordering_sql import migration  # imported late: it pulls in Alembic
+        from ordering_sql.store import _migrations  # imported late: it pulls in Alembic
+
+        async def serialize(conn: AsyncConnection) -> None:
+            await self.dialect.serialize(conn, "ordering_sql", _migrations.MIGRATION_LOCK)
 
         async def attempt() -> None:
             async with self._turn(_Mode.TRANSACTION), self._connection(_Mode.TRANSACTION) as conn:
                 assert isinstance(conn, AsyncConnection)  # transactions are SQLAlchemy's
-                await migration.run_upgrade(conn, self.dialect, revision)
+                await _migrations.run_upgrade(conn, serialize, revision)
 
         self._check_reachable()
         current = await self._with_retries(self._current_revision)
-        _refuse_a_newer_schema(self.url, current, migration.head_revision())
+        _refuse_a_newer_schema(self.url, current, _migrations.head_revision())
         await self._with_retries(attempt)
         self._ready = False
 
@@ -377,7 +378,9 @@ class Store:
     async def _current_revision(self) -> str | None:
         async with self._turn(_Mode.READ), self._connection(_Mode.READ, direct=False) as conn:
             assert isinstance(conn, AsyncConnection)
-            return await conn.run_sync(_read_revision)
+            from ordering_sql.store import _migrations  # imported late: it pulls in Alembic
+
+            return await conn.run_sync(_migrations.read_revision)
 
     async def _with_retries(self, step: Callable[[], Awaitable[T]]) -> T:
         """Retries for schema checks and migrations: giving up means the database is away.
@@ -390,16 +393,6 @@ class Store:
             gives_up_as=DatabaseUnavailableError,
             log_level=logging.DEBUG,
         )
-
-
-def _read_revision(sync_conn: object) -> str | None:
-    inspector = sa_inspect(sync_conn)
-    if not inspector.has_table(VERSION_TABLE):
-        return None
-    row = sync_conn.execute(  # type: ignore[attr-defined]
-        text(f"SELECT version_num FROM {VERSION_TABLE}")
-    ).first()
-    return None if row is None else str(row[0])
 
 
 def _not_ready(url: str, current: str | None, expected: str) -> SchemaNotReadyError:
@@ -415,9 +408,9 @@ def _not_ready(url: str, current: str | None, expected: str) -> SchemaNotReadyEr
 def _refuse_a_newer_schema(url: str, current: str | None, expected: str) -> None:
     """``SchemaNotReadyError`` if the database is at a revision this code does not know: a newer
     ordering-sql migrated it, and only upgrading ordering-sql can help."""
-    from ordering_sql import migration  # imported late: it pulls in Alembic
+    from ordering_sql.store import _migrations  # imported late: it pulls in Alembic
 
-    if current is None or migration.is_known_revision(current):
+    if current is None or _migrations.is_known_revision(current):
         return
     msg = (
         f"Database {url!r} is at revision {current!r}, which this version of ordering-sql "

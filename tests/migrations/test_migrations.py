@@ -15,6 +15,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ordering_sql import CausalOrdering, dispose_engines, migrate, migration
+from ordering_sql.store._migrations import alembic_config
 from tests.conftest import BACKENDS
 from tests.support import make_event
 
@@ -43,7 +44,7 @@ async def engine(empty_url: str) -> AsyncIterator[AsyncEngine]:
 
 async def alembic_check(engine: AsyncEngine) -> None:
     """Run ``alembic check`` with the project's config on a live connection of ``engine``."""
-    cfg = migration.alembic_config()
+    cfg = alembic_config()
 
     def run(conn: Connection) -> None:
         cfg.attributes["connection"] = conn
