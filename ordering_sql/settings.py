@@ -22,6 +22,7 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from ordering_sql._backends import BACKENDS, backend_for_scheme
 from ordering_sql.errors import ConfigurationError
 from ordering_sql.schema import SCOPE_LENGTH
 
@@ -62,13 +63,6 @@ ENV_DIRECT_DRIVER: Final = "ORDERING_SQL_DIRECT_DRIVER"
 ENV_SQLITE_SYNCHRONOUS: Final = "ORDERING_SQL_SQLITE_SYNCHRONOUS"
 ENV_POOLER: Final = "ORDERING_SQL_POOLER"
 
-_DRIVERS: Final = {
-    "sqlite": "sqlite+aiosqlite",
-    "sqlite+aiosqlite": "sqlite+aiosqlite",
-    "postgres": "postgresql+asyncpg",
-    "postgresql": "postgresql+asyncpg",
-    "postgresql+asyncpg": "postgresql+asyncpg",
-}
 
 PositiveDuration = Annotated[timedelta, Field(gt=timedelta(0))]
 SqliteSynchronous = Literal["FULL", "EXTRA", "NORMAL"]
@@ -142,11 +136,12 @@ def normalize_url(url: str | URL) -> URL:
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         msg = f"Cannot parse database URL {mask_url(str(url))!r}."
         raise ConfigurationError(msg) from None
-    driver = _DRIVERS.get(parsed.drivername)
-    if driver is None:
+    backend = backend_for_scheme(parsed.drivername)
+    if backend is None:
+        expected = " or ".join(repr(b.scheme) for b in BACKENDS)
         msg = (
             f"Unsupported database URL scheme {parsed.drivername!r} in {mask_url(parsed)!r}; "
-            "expected 'sqlite+aiosqlite' or 'postgresql+asyncpg'."
+            f"expected {expected}."
         )
         raise ConfigurationError(msg)
     if parsed.host and "@" in parsed.host:
@@ -154,7 +149,7 @@ def normalize_url(url: str | URL) -> URL:
         # takes the rest for the host. The host comes after the last "@", as browsers read it.
         extra, _, host = parsed.host.rpartition("@")
         parsed = parsed.set(password=f"{parsed.password or ''}@{extra}", host=host)
-    return parsed.set(drivername=driver)
+    return parsed.set(drivername=backend.scheme)
 
 
 def mask_url(url: str | URL) -> str:

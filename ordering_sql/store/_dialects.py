@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.schema import Table
 
+from ordering_sql._backends import BACKENDS
 from ordering_sql.settings import Settings
 from ordering_sql.store._clock import host_time, process_time
 
@@ -381,6 +382,8 @@ def advisory_key(scope: str, key: UUID) -> int:
 
 
 _DIALECTS: Final[dict[str, Dialect]] = {d.name: d for d in (SqliteDialect(), PostgresDialect())}
+# One list of backends (``_backends.BACKENDS``): a dialect for each, and none besides.
+assert set(_DIALECTS) == {backend.name for backend in BACKENDS}, "a backend without a dialect"
 
 
 def dialect_for(name: str) -> Dialect:
