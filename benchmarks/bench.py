@@ -1,6 +1,6 @@
 """Run the benchmark suite from a checkout: ``python benchmarks/bench.py [options]``.
 
-The same as ``ordering-sql bench [options]``; see ``ordering_sql/bench.py`` for the workloads.
+The same as ``ordering-sql bench [options]``; see ``ordering_sql/tools/bench.py`` for the workloads.
 """
 
 import sys

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 from ordering_sql import migration
 from ordering_sql.admin import ScopeStatus, peek_lost, purge, status
-from ordering_sql.demo import DemoReport
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.errors import ConfigurationError, OrderingError
 from ordering_sql.models import ReceivedEvent
@@ -36,7 +35,8 @@ from ordering_sql.store import Store
 from ordering_sql.streaming import MalformedLine, order_lines
 
 if TYPE_CHECKING:
-    from ordering_sql.bench import BenchReport
+    from ordering_sql.tools.bench import BenchReport
+    from ordering_sql.tools.demo import DemoReport
 
 __all__ = ["cli", "main"]
 
@@ -379,7 +379,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from ordering_sql.demo import run_demo
+    from ordering_sql.tools.demo import run_demo
 
     console = Console(stderr=True)
     with Progress(
@@ -429,7 +429,7 @@ async def _bench(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from ordering_sql.bench import WORKLOADS, plot, run_bench
+    from ordering_sql.tools.bench import WORKLOADS, plot, run_bench
 
     workloads = tuple(w.strip().upper() for w in args.workloads.split(",") if w.strip())
     unknown = [w for w in workloads if w not in WORKLOADS]
@@ -465,7 +465,7 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def _print_bench(report: BenchReport) -> None:
-    from ordering_sql.bench import PARALLEL_FLOOR
+    from ordering_sql.tools.bench import PARALLEL_FLOOR
 
     for backend, f in report.floors.items():
         print(

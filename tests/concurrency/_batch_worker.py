@@ -5,10 +5,10 @@ Usage: ``python -m tests.concurrency._batch_worker SPEC.json`` (from the reposit
 
 It delivers the batches of ``batches`` (JSON lines, each a list of events) one at a time through
 ``preceding_events_confirmed``; followers released by a batch come back to the usual recursive
-handler (the single-event path). Its log (``ordering_sql.simulation.HandledLog``, one flushed JSON
-line per record) holds a ``start`` and an ``end`` for every handler body, a ``parked`` for every
-event a batch parked, and an ``ack`` for every delivery of a batch once its block and the
-replays it released are over, as a consumer acknowledges its messages.
+handler (the single-event path). Its log (``ordering_sql.tools.simulation.HandledLog``, one
+flushed JSON line per record) holds a ``start`` and an ``end`` for every handler body, a
+``parked`` for every event a batch parked, and an ``ack`` for every delivery of a batch once
+its block and the replays it released are over, as a consumer acknowledges its messages.
 
 In batch ``die_in_batch`` it kills itself with ``SIGKILL``, a real crash with no clean-up:
 
@@ -32,7 +32,7 @@ from uuid import uuid4
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines
-from ordering_sql.simulation import HandledLog
+from ordering_sql.tools.simulation import HandledLog
 
 BATCH = TypeAdapter(list[ReceivedEvent])
 

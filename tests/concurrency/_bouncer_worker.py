@@ -23,7 +23,13 @@ from typing import Any
 from uuid import uuid4
 
 from ordering_sql import CausalOrdering, dispose_engines
-from ordering_sql.simulation import DeliveryQueue, HandledLog, Tally, read_deliveries, run_worker
+from ordering_sql.tools.simulation import (
+    DeliveryQueue,
+    HandledLog,
+    Tally,
+    read_deliveries,
+    run_worker,
+)
 from tests.concurrency._proc_worker import WorkerProcessSpec, _wait_for_start
 
 

@@ -2,7 +2,7 @@
 
 Usage: ``python -m tests.concurrency._proc_worker SPEC.json`` (from the repository root).
 
-Like ``python -m ordering_sql.simulation`` (it consumes through ``run_worker``, the usual
+Like ``python -m ordering_sql.tools.simulation`` (it consumes through ``run_worker``, the usual
 consumer: skip seen events, park early ones, retry one that another worker holds), with two
 differences that let several processes act at the same moments:
 
@@ -31,7 +31,7 @@ from uuid import uuid4
 from pydantic import BaseModel, ConfigDict
 
 from ordering_sql import CausalOrdering, dispose_engines
-from ordering_sql.simulation import (
+from ordering_sql.tools.simulation import (
     DeliveryQueue,
     HandledLog,
     Tally,

@@ -2,7 +2,7 @@
 
 Usage: ``python -m tests.concurrency._restart_worker SPEC.json`` (from the repository root).
 
-The usual consumer (as ``ordering_sql.simulation.run_worker``: skip seen events, the recursive
+The usual consumer (as ``ordering_sql.tools.simulation.run_worker``: skip seen events, the recursive
 handler through ``preceding_event_confirmed``, ``EventArrivedEarly`` acknowledged,
 ``EventBeingProcessed`` redelivered later), made for a database that goes away under it:
 
@@ -22,7 +22,7 @@ handler through ``preceding_event_confirmed``, ``EventArrivedEarly`` acknowledge
 
 It connects and checks the schema first, then creates ``ready_file`` and waits for
 ``start_file``. At the end it writes its report (JSON) to ``report``. Its handler log is the
-``HandledLog`` of ``ordering_sql.simulation`` (``start``/``end``/``ack`` records, read by
+``HandledLog`` of ``ordering_sql.tools.simulation`` (``start``/``end``/``ack`` records, read by
 ``check``) with ``nack`` and ``unexpected`` records besides.
 """
 
@@ -50,7 +50,7 @@ from ordering_sql import (
     ReceivedEvent,
     dispose_engines,
 )
-from ordering_sql.simulation import DeliveryQueue, HandledLog, read_deliveries
+from ordering_sql.tools.simulation import DeliveryQueue, HandledLog, read_deliveries
 
 #: How long the worker waits for the start signal before giving up.
 SIGNAL_TIMEOUT_S = 60.0

@@ -9,7 +9,7 @@
   lost followers, and everything is handled with nothing lost and nothing left behind.
 
 Handler logs use ``time.monotonic_ns()`` (one clock for every process of the machine) and are
-judged by ``ordering_sql.simulation.check``.
+judged by ``ordering_sql.tools.simulation.check``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from ordering_sql import (
 )
 from ordering_sql.admin import ScopeStatus, status
 from ordering_sql.settings import Settings
-from ordering_sql.simulation import HandledLog, Stream, build_stream, check, read_log
 from ordering_sql.store import Store
+from ordering_sql.tools.simulation import HandledLog, Stream, build_stream, check, read_log
 from tests.concurrency._batch_worker import BatchWorkerSpec, write_batches
 from tests.support import REPO_ROOT, Clock, chain, child_env, make_event
 

@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines
 from ordering_sql.errors import StoreError
 from ordering_sql.settings import ENV_DIRECT_DRIVER, ENV_POOLER
-from ordering_sql.simulation import build_stream, read_log, write_deliveries
+from ordering_sql.tools.simulation import build_stream, read_log, write_deliveries
 from tests.acceptance.test_cli import Result, _environment
 from tests.concurrency import test_processes as processes
 from tests.concurrency._bouncer_worker import BouncerWorkerSpec

@@ -38,7 +38,7 @@ import pytest
 from ordering_sql import dispose_engines, migrate
 from ordering_sql.admin import ScopeStatus
 from ordering_sql.settings import ENV_DIRECT_DRIVER
-from ordering_sql.simulation import build_stream, check, write_deliveries
+from ordering_sql.tools.simulation import build_stream, check, write_deliveries
 from tests.concurrency._restart_worker import RestartWorkerSpec
 from tests.concurrency.test_processes import assert_nothing_left, records_of, scope_status
 from tests.pg_servers import ThrowawayPostgres

@@ -1,11 +1,11 @@
 """Faults and races across real OS processes: pairs racing, duplicates, SIGKILL, dropped links.
 
 ``test_locking.py`` races coroutines of one process; here the contenders are separate
-interpreters (``python -m ordering_sql.simulation``, or ``_proc_worker.py``, which starts on a
+interpreters (``python -m ordering_sql.tools.simulation``, or ``_proc_worker.py``, which starts on a
 signal and can be stepped in lock-step with another), the crash is a real ``SIGKILL``, and the
 database outage is every session on the test database terminated by an administrator. Handler
 logs use ``time.monotonic_ns()``, one clock for the whole machine, so the logs of every process
-can be checked together by ``ordering_sql.simulation.check``.
+can be checked together by ``ordering_sql.tools.simulation.check``.
 
 Every subprocess wait is bounded; a child still running when a test ends is killed.
 """
@@ -39,7 +39,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines
 from ordering_sql.admin import ScopeStatus, status
 from ordering_sql.settings import Settings
-from ordering_sql.simulation import (
+from ordering_sql.store import Store
+from ordering_sql.tools.simulation import (
     Check,
     DeliveryQueue,
     HandledLog,
@@ -53,7 +54,6 @@ from ordering_sql.simulation import (
     sweep_lost,
     write_deliveries,
 )
-from ordering_sql.store import Store
 from tests.concurrency._proc_worker import WorkerProcessSpec
 from tests.conftest import _asyncpg_dsn
 from tests.support import REPO_ROOT, child_env, make_event
@@ -568,7 +568,7 @@ async def test_worker_killed_mid_handler_is_recovered_with_nothing_lost(
         lease_timeout=KILL_LEASE_S,
         claim_timeout=KILL_CLAIM_S,
     )
-    doomed = await children.spawn("doomed", "ordering_sql.simulation", spec)
+    doomed = await children.spawn("doomed", "ordering_sql.tools.simulation", spec)
     died_replaying = await _kill_mid_handler(doomed, log, len(stream.deliveries))
     dead_records = records_of([log])
     in_flight = _in_flight(dead_records)

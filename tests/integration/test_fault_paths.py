@@ -36,9 +36,9 @@ from ordering_sql import (
     ReceivedEvent,
     dispose_engines,
 )
-from ordering_sql.simulation import DeliveryQueue, HandledLog, build_stream, check, run_worker
 from ordering_sql.store import Connection
 from ordering_sql.store._queries import params
+from ordering_sql.tools.simulation import DeliveryQueue, HandledLog, build_stream, check, run_worker
 from tests.conftest import OrderingFactory
 from tests.support import Clock, make_event
 

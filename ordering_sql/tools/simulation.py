@@ -13,7 +13,7 @@ Used by ``ordering-sql demo`` and by the fault tests. The pieces:
 * ``check`` reads the logs back: events never handled, handled twice, and order violations (a
   follower whose handling began before its leader's first handling had ended).
 
-A worker can also run as its own process (``python -m ordering_sql.simulation SPEC``), so a
+A worker can also run as its own process (``python -m ordering_sql.tools.simulation SPEC``), so a
 crash can be a real ``SIGKILL`` that leaves leases, claims and parked followers behind.
 """
 
@@ -429,7 +429,7 @@ async def _worker_process(spec: WorkerSpec) -> Tally:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ordering_sql.simulation SPEC.json``: run one worker process."""
+    """``python -m ordering_sql.tools.simulation SPEC.json``: run one worker process."""
     args = list(sys.argv[1:] if argv is None else argv)
     spec = WorkerSpec.model_validate_json(Path(args[0]).read_text())
     tally = asyncio.run(_worker_process(spec))

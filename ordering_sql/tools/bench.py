@@ -54,7 +54,8 @@ from ordering_sql.settings import (
     mask_url,
     normalize_url,
 )
-from ordering_sql.simulation import (
+from ordering_sql.store import Store
+from ordering_sql.tools.simulation import (
     DeliveryQueue,
     HandledLog,
     Stream,
@@ -65,7 +66,6 @@ from ordering_sql.simulation import (
     run_worker,
     write_deliveries,
 )
-from ordering_sql.store import Store
 
 __all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
 
@@ -235,7 +235,7 @@ async def _processes(
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "ordering_sql.simulation",
+            "ordering_sql.tools.simulation",
             str(path),
             stdout=asyncio.subprocess.DEVNULL,
         )

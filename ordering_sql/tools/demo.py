@@ -34,7 +34,7 @@ from ordering_sql.engine import CausalOrdering
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
 from ordering_sql.settings import mask_url
-from ordering_sql.simulation import (
+from ordering_sql.tools.simulation import (
     Check,
     DeliveryQueue,
     HandledLog,
@@ -185,7 +185,7 @@ async def _start_doomed_worker(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ordering_sql.simulation",
+        "ordering_sql.tools.simulation",
         str(spec_path),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
