@@ -12,8 +12,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from ordering_sql.settings import PRECEDING_EVENT_LOOKBACK, Durations
-from ordering_sql.store import Connection, Store
-from ordering_sql.store._queries import params, scope_counts
+from ordering_sql.store import Store
 
 __all__ = ["PurgeResult", "ScopeStatus", "peek_lost", "purge", "status"]
 
@@ -45,45 +44,38 @@ async def status(
     lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
 ) -> list[ScopeStatus]:
     """Counts per scope (only ``scope`` if given), sorted by scope name."""
-    events_q, followers_q = scope_counts(now, now - lookback)
-
-    async def work(conn: Connection) -> list[ScopeStatus]:
-        rows: dict[str, dict[str, object]] = {}
-        for row in await conn.execute(events_q):
-            rows.setdefault(row.scope, {}).update(row._asdict())
-        for row in await conn.execute(followers_q):
-            values = row._asdict()
-            oldest: datetime | None = values.pop("oldest_received")
-            values["oldest_parked_age"] = (
-                None if oldest is None else max(now - oldest, timedelta(0))
-            )
-            rows.setdefault(row.scope, {}).update(values)
-        return [
-            ScopeStatus.model_validate(values)
-            for name, values in sorted(rows.items())
-            if scope is None or name == scope
-        ]
-
-    return await store.read(work, action="status")
+    events, followers = await store.scope_counts(now, now - lookback)
+    rows: dict[str, dict[str, object]] = {}
+    for name, seen, seen_expired, processing, processing_expired in events:
+        rows.setdefault(name, {}).update(
+            seen=seen,
+            seen_expired=seen_expired,
+            processing=processing,
+            processing_expired=processing_expired,
+        )
+    for name, parked, claimed, past_lookback, oldest in followers:
+        age = None if oldest is None else max(now - oldest, timedelta(0))
+        rows.setdefault(name, {}).update(
+            parked=parked, claimed=claimed, past_lookback=past_lookback, oldest_parked_age=age
+        )
+    return [
+        ScopeStatus.model_validate({"scope": name, **values})
+        for name, values in sorted(rows.items())
+        if scope is None or name == scope
+    ]
 
 
 async def peek_lost(
     store: Store, *, scope: str, now: datetime, durations: Durations | None = None
 ) -> list[str]:
-    """The JSON of the followers ``get_lost_followers()`` would return, without removing any."""
+    """The JSON of the followers ``get_lost_followers()`` would return, without claiming any."""
     durations = durations or Durations()
-    query = store.queries.peek_lost
-    values = params(
-        scope=scope,
+    return await store.peek_lost(
+        scope,
         now=now,
         horizon=now - durations.preceding_event_lookback,
         seen_cutoff=now + durations.seen - durations.claim_timeout,
     )
-
-    async def work(conn: Connection) -> list[str]:
-        return [row.event for row in await conn.execute(query, values)]
-
-    return await store.read(work, action="peek_lost")
 
 
 class PurgeResult(BaseModel):
@@ -102,12 +94,7 @@ class PurgeResult(BaseModel):
 
 async def purge(store: Store, *, now: datetime, dry_run: bool = False) -> PurgeResult:
     """Delete (or with ``dry_run`` only count) the expired rows of every scope."""
-
-    async def count(conn: Connection) -> tuple[int, int]:
-        row = (await conn.execute(store.queries.expired_counts, params(now=now))).one()
-        return int(row.seen), int(row.leases)
-
-    seen, leases = await store.read(count, action="purge_count")
+    seen, leases = await store.expired_counts(now)
     if not dry_run:
         while await store.purge_expired(now, limit=PURGE_BATCH) == PURGE_BATCH:
             pass

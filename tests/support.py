@@ -89,57 +89,49 @@ def chain(
 
 @dataclass
 class Counter:
-    #: (first word of the statement, whether it ran outside an explicit transaction)
-    statements: list[tuple[str, bool]] = field(default_factory=list)
-    transactions: int = 0
+    """The statements a Store sent, in order (``Store.observe``: every path, BEGIN and COMMIT
+    included)."""
+
+    sent: list[str] = field(default_factory=list)
+
+    def _walk(self) -> Iterator[tuple[str, bool]]:
+        """(first word, whether it ran outside an explicit transaction) of each statement
+        other than BEGIN, COMMIT and ROLLBACK."""
+        inside = False
+        for sql in self.sent:
+            word = sql.split()[0].upper()
+            if word == "BEGIN":
+                inside = True
+            elif word in ("COMMIT", "ROLLBACK"):
+                inside = False
+            else:
+                yield word, not inside
+
+    @property
+    def statements(self) -> list[tuple[str, bool]]:
+        return list(self._walk())
+
+    @property
+    def transactions(self) -> int:
+        return sum(1 for sql in self.sent if sql.split()[0].upper() == "BEGIN")
 
     @property
     def round_trips(self) -> int:
-        """Statements sent, plus BEGIN and COMMIT of each explicit transaction."""
-        return len(self.statements) + 2 * self.transactions
+        """Statements sent, BEGIN and COMMIT of each explicit transaction included."""
+        return len(self.sent)
 
     @property
     def units(self) -> int:
         """Units of work: explicit transactions, plus statements sent outside any."""
-        return self.transactions + sum(1 for _, autocommit in self.statements if autocommit)
-
-
-def _autocommit(conn: Any) -> bool:
-    options = conn.get_execution_options()
-    return bool(
-        options.get("isolation_level") == "AUTOCOMMIT" or options.get("ordering_sql_read_only")
-    )
+        return self.transactions + sum(1 for _, autocommit in self._walk() if autocommit)
 
 
 @contextmanager
 def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
     assert ordering._store is not None, "use the instance once before counting"
-    engine = ordering._store.engine.sync_engine
     counter = Counter()
-
-    def before(conn: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE: see on_commit
-            counter.statements.append((statement.split()[0], _autocommit(conn)))
-
-    def on_commit(conn: Any) -> None:
-        if not _autocommit(conn):
-            counter.transactions += 1
-
-    def direct(statement: str) -> None:  # Postgres's autocommit units, sent past SQLAlchemy
-        counter.statements.append((statement.split()[0], True))
-
-    direct_path = ordering._store._direct
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "commit", on_commit)
-    if direct_path is not None:
-        direct_path.listeners.append(direct)
-    try:
+    with ordering._store.observe(counter.sent.append):
         yield counter
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "commit", on_commit)
-        if direct_path is not None:
-            direct_path.listeners.remove(direct)
 
 
 # -- query plans ---------------------------------------------------------------------------------

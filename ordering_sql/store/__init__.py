@@ -1,23 +1,24 @@
-"""The database behind the engine: shared engines, short transactions, retries, error mapping.
+"""The database behind the engine: shared engines, the protocol's steps, retries, error mapping.
 
-A ``Store`` is one ``AsyncEngine`` (one connection pool) plus the dialect rules that go with it.
-Every ``CausalOrdering`` on the same URL and event loop shares one Store; see ``acquire_store``.
+A ``Store`` is one ``AsyncEngine`` (one connection pool), its backend's steps and the connections
+they run on. Every ``CausalOrdering`` on the same URL and event loop shares one Store; see
+``acquire_store``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
+from uuid import UUID
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -30,10 +31,33 @@ from ordering_sql.errors import (
 from ordering_sql.settings import Settings, mask_url
 from ordering_sql.store._clock import DatabaseClock
 from ordering_sql.store._dialects import Dialect, Failure, dialect_for
-from ordering_sql.store._driver import DRIVER_ERRORS, Connection, DriverConnections
-from ordering_sql.store._queries import Queries, params, queries_for
+from ordering_sql.store._merge import Merging
+from ordering_sql.store._steps import (
+    Claimed,
+    Complete,
+    Completed,
+    Marks,
+    Park,
+    ReadMarks,
+    Release,
+    RenewClaims,
+    Sweep,
+    TakeLeases,
+    Taken,
+)
 
-__all__ = ["Connection", "Store", "acquire_store", "dispose_engines", "release_store"]
+__all__ = ["Store", "acquire_store", "dispose_engines", "release_store"]
+
+#: The action a step is logged as (retries, errors).
+_ACTIONS: Final = {
+    "take": "take_leases",
+    "marks": "read_marks",
+    "park": "park_followers",
+    "complete": "complete_event",
+    "release": "release_leases",
+    "renew_claims": "renew_claims",
+    "sweep": "get_lost_followers",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -50,61 +74,53 @@ _BACKOFF_BASE_S: Final = 0.05
 _BACKOFF_CAP_S: Final = 2.0
 
 
-class _Mode(enum.Enum):
-    READ = "read"  # autocommit reads
-    TRANSACTION = "transaction"  # one write transaction (BEGIN IMMEDIATE on SQLite)
-    STEP = "step"  # autocommit where steps are single statements, else a transaction
-
-
 class _Transient(Exception):
     """Internal: a transient failure worth retrying (carries the original error)."""
 
 
 class Store:
-    """One database: its engine, its dialect rules, and its prepared statements.
+    """One database: its engine, its backend's steps and where they run, retries, errors.
 
-    ``direct``: send the autocommit units to the driver directly where the dialect has such a
-    path (see ``store/_driver.py``); ``keep``: how many driver connections that path holds
-    between units of work (0 borrows one from the pool for each unit).
+    The engine asks for the protocol's steps (``take``, ``park``, ``complete``, ...: typed
+    requests and results, ``store/_steps.py``); each runs on a connection of the backend's
+    units (``store/postgres.py``, ``store/sqlite.py``), is retried as a whole on transient
+    faults, and has its driver errors translated at one boundary (``_attempt``).
     """
 
-    def __init__(
-        self, engine: AsyncEngine, *, owns_engine: bool, direct: bool = True, keep: int = 0
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, *, settings: Settings, owns_engine: bool) -> None:
         self.engine = engine
         self.owns_engine = owns_engine
         self.dialect: Dialect = dialect_for(engine.dialect.name)
-        self.queries: Queries = queries_for(engine.dialect.name)
+        self.steps: Any = self.dialect.steps
         self.url = mask_url(engine.url)
         self.disposed = False  # set by dispose(): instances then fetch a fresh shared Store
         #: Opened only to look (``Settings.read_only``): never created, never migrated.
-        self.read_only = False
+        self.read_only = settings.read_only
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._next_purge: datetime | None = None
-        # On a single-writer database, this process's writers queue here instead of contending
-        # for the database lock, where a loser sleeps in SQLite's busy handler (milliseconds,
-        # growing) even after the lock is free. Writers in other processes still meet at the
-        # database lock and wait up to the busy timeout. A Store belongs to one event loop; the
-        # queue is the engine's, so every Store on one engine takes its turn in the same one.
-        self._writers = _turns(engine) if self.dialect.single_writer else None
-        # A database on one shared connection (SQLite ``:memory:``): a unit ending on it (a
-        # read's rollback as its connection goes back to the pool, say) would end any other
-        # unit's transaction too, so every unit takes its turn, reads and schema checks too.
-        self._alone = self.dialect.one_connection(engine.url)
+        #: Called with the SQL of every statement sent, on every path (``observe``).
+        self._listeners: list[Callable[[str], None]] = []
+        self._units = self.dialect.units(
+            engine,
+            settings,
+            owns_engine=owns_engine,
+            listeners=self._listeners,
+            turns=_turns(engine),
+        )
+        _observe_sqlalchemy(engine, self._listeners)
         self._autocommit_options = self.dialect.autocommit_options()
-        direct = direct and engine.dialect.driver == self.dialect.direct_driver
-        self._direct = DriverConnections(engine, keep=keep) if direct else None
         #: The database's clock, which every expiry decision is made on (``store/_clock.py``).
         self.clock = DatabaseClock(self._read_clock)
-        #: What the database and its drivers raise: SQLAlchemy's wrapped errors, the driver's
-        #: own (the direct path), and the DBAPI errors of SQLAlchemy's driver adapter, which
+        self._merging = Merging(self._run_merged)
+        #: What the database and its drivers raise: SQLAlchemy's wrapped errors, the drivers'
+        #: own (the direct paths), and the DBAPI errors of SQLAlchemy's driver adapter, which
         #: reach us unwrapped where a pooled connection is opened (``raw_connection``).
         self._driver_errors: tuple[type[BaseException], ...] = (
             DBAPIError,
             OSError,
             TimeoutError,
-            *DRIVER_ERRORS,
+            *self.dialect.driver_errors,
             engine.dialect.loaded_dbapi.Error,
         )
 
@@ -116,10 +132,7 @@ class Store:
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
         dialect.configure(engine, settings)
-        store = cls(
-            engine, owns_engine=True, direct=settings.direct_driver, keep=settings.pool_size
-        )
-        store.read_only = settings.read_only
+        store = cls(engine, settings=settings, owns_engine=True)
         store.url = mask_url(settings.url)  # as given, not the engine's form of it
         return store
 
@@ -131,35 +144,166 @@ class Store:
         ``sqlite_synchronous``); by default from the environment (``Settings.for_host_engine``).
         """
         settings = settings or Settings.for_host_engine()
-        store = cls(engine, owns_engine=False, direct=settings.direct_driver)
+        store = cls(engine, settings=settings, owns_engine=False)
         store.dialect.configure(engine, settings)
         return store
 
     async def dispose(self) -> None:
         self.disposed = True
-        if self._direct is not None:
-            await self._direct.close()
+        await self._units.close()
         if self.owns_engine:
             await self.engine.dispose()
 
-    # -- units of work -------------------------------------------------------------------------
+    @contextmanager
+    def observe(self, listener: Callable[[str], None]) -> Iterator[None]:
+        """Call ``listener`` with the SQL of every statement this Store sends while the block
+        runs, on every path (SQLAlchemy's, asyncpg's own, SQLite's thread connections), BEGIN
+        and COMMIT included: for tests that count round trips, and for instrumentation."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
 
-    async def write(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
-        """Run ``work`` in one write transaction, retried as a whole on transient faults."""
-        return await self._run(work, action=action, mode=_Mode.TRANSACTION)
+    # -- the protocol's steps ------------------------------------------------------------------
 
-    async def step(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
-        """Run ``work`` whose statements are each atomic on their own, retried on faults.
+    # Each takes the ``clock`` of the caller's times (None: the database's): only requests of
+    # one clock are merged.
 
-        Where the dialect makes every protocol step one statement (Postgres), ``work`` runs in
-        autocommit: no BEGIN and COMMIT round trips. Elsewhere it runs in one transaction. A
-        retried step must be harmless to repeat; each statement of the protocol is.
-        """
-        return await self._run(work, action=action, mode=_Mode.STEP)
+    async def take(self, request: TakeLeases, clock: object = None) -> Taken:
+        """``_steps.TakeLeases``."""
+        result: Taken = await self._call("take", request, clock)
+        return result
 
-    async def read(self, work: Callable[[Connection], Awaitable[T]], *, action: str) -> T:
-        """Run ``work`` on a connection that only reads."""
-        return await self._run(work, action=action, mode=_Mode.READ)
+    async def marks(self, request: ReadMarks, clock: object = None) -> dict[UUID, Marks]:
+        """``_steps.ReadMarks``: the marks of the events that have a row."""
+        result: dict[UUID, Marks] = await self._call("marks", request, clock)
+        return result
+
+    async def park(self, request: Park, clock: object = None) -> frozenset[UUID]:
+        """``_steps.Park``: the ids stored."""
+        result: frozenset[UUID] = await self._call("park", request, clock)
+        return result
+
+    async def complete(self, request: Complete, clock: object = None) -> Completed:
+        """``_steps.Complete``."""
+        result: Completed = await self._call("complete", request, clock)
+        return result
+
+    async def release(self, request: Release, clock: object = None) -> None:
+        """``_steps.Release``."""
+        await self._call("release", request, clock)
+
+    async def renew_claims(self, request: RenewClaims, clock: object = None) -> int:
+        """``_steps.RenewClaims``: how many claims were renewed."""
+        result: int = await self._call("renew_claims", request, clock)
+        return result
+
+    async def sweep(self, request: Sweep, clock: object = None) -> list[Claimed]:
+        """``_steps.Sweep``: the followers handed over."""
+        result: list[Claimed] = await self._call("sweep", request, clock)
+        return result
+
+    async def _call(self, step: str, request: Any, clock: object) -> Any:
+        """Run one request of ``step``, merged with concurrent ones (``store/_merge.py``) of
+        the same clock, retried as a whole."""
+        key = (self.steps.merge_key(step), None if clock is None else id(clock))
+        return await self._merging.call(key, (step, request))
+
+    async def _run_merged(self, key: Any, items: list[tuple[str, Any]]) -> list[Any]:
+        action = _ACTIONS[items[0][0]]
+        results: list[Any] = await self.run(
+            lambda conn: self.steps.run_merged(conn, items), action=action
+        )
+        return results
+
+    async def run(self, work: Callable[[Any], Awaitable[T]], *, action: str) -> T:
+        """Run ``work(conn)`` on a connection of the backend's units, retried as a whole on
+        transient faults (it must be harmless to repeat: every step is), errors translated."""
+        await self.ensure_ready()
+        # Before the unit: its work reads the clock (``clock.now()``) without awaiting.
+        await self.clock.sync_if_due()
+        return await self._retrying(lambda: self._attempt(work), action=action)
+
+    async def _attempt(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """One try of ``work``: the one boundary where driver errors become ours."""
+        with self._translating():
+            async with self._units.connection() as conn:
+                return await work(conn)
+
+    @contextmanager
+    def _translating(self) -> Iterator[None]:
+        """Driver errors become ordering-sql's: transient faults ``_Transient`` (retried),
+        the others ``DatabaseUnavailableError`` or ``StoreError``."""
+        try:
+            yield
+        except OrderingError:
+            raise
+        except self._driver_errors as exc:
+            failure = self.dialect.classify(exc)
+            if failure is Failure.RETRYABLE:
+                raise _Transient from exc
+            if failure is Failure.UNAVAILABLE or _is_connect_error(exc):
+                msg = f"Cannot connect to database {self.url!r}: {_describe(exc)}"
+                raise DatabaseUnavailableError(msg, url=self.url) from exc
+            msg = f"Database {self.url!r} failed: {_describe(exc)}"
+            raise StoreError(msg, url=self.url) from exc
+
+    # -- the rest of the API --------------------------------------------------------------------
+
+    async def mark_seen(self, scope: str, event_ids: Sequence[UUID], seen_until: datetime) -> None:
+        await self.run(
+            lambda conn: self.steps.mark_seen(conn, scope, event_ids, seen_until),
+            action="record_event_as_seen",
+        )
+
+    async def forget_followers(self, scope: str, follower_ids: Sequence[UUID]) -> None:
+        await self.run(
+            lambda conn: self.steps.forget_followers(conn, scope, follower_ids),
+            action="forget_follower",
+        )
+
+    async def followers_of(self, scope: str, leader_id: UUID) -> list[str]:
+        found: list[str] = await self.run(
+            lambda conn: self.steps.followers_of(conn, scope, leader_id), action="get_followers"
+        )
+        return found
+
+    async def followers_by_id(self, scope: str, follower_ids: Sequence[UUID]) -> list[str]:
+        found: list[str] = await self.run(
+            lambda conn: self.steps.followers_by_id(conn, scope, follower_ids),
+            action="followers_by_id",
+        )
+        return found
+
+    async def peek_lost(
+        self, scope: str, *, now: datetime, horizon: datetime, seen_cutoff: datetime
+    ) -> list[str]:
+        found: list[str] = await self.run(
+            lambda conn: self.steps.peek_lost(conn, scope, now, horizon, seen_cutoff),
+            action="peek_lost",
+        )
+        return found
+
+    async def clear(self, scope: str | None) -> None:
+        """Forget everything of ``scope`` (None: of every scope)."""
+        await self.run(lambda conn: self.steps.clear(conn, scope), action="clear")
+
+    async def expired_counts(self, now: datetime) -> tuple[int, int]:
+        """Rows a purge would delete: seen records, and leases never completed."""
+        counts: tuple[int, int] = await self.run(
+            lambda conn: self.steps.expired_counts(conn, now), action="purge_count"
+        )
+        return counts
+
+    async def scope_counts(
+        self, now: datetime, horizon: datetime
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]]]:
+        """Counts per scope for ``ordering-sql status`` (see the backends' ``scope_counts``)."""
+        counts: tuple[list[Sequence[Any]], list[Sequence[Any]]] = await self.run(
+            lambda conn: self.steps.scope_counts(conn, now, horizon), action="status"
+        )
+        return counts
 
     async def now(self) -> datetime:
         """The database's current time: the clock leases, seen marks and claims expire on."""
@@ -169,28 +313,12 @@ class Store:
 
     async def _read_clock(self) -> datetime:
         async def attempt() -> datetime:
-            return await self.dialect.read_clock(
-                self.engine.url, lambda: self._connection(_Mode.READ)
-            )
+            async def read(conn: Any) -> datetime:
+                return await self.dialect.read_clock(self.engine.url, _given(conn))
+
+            return await self._attempt(read)
 
         return await self._retrying(attempt, action="read_clock")
-
-    async def _run(
-        self,
-        work: Callable[[Connection], Awaitable[T]],
-        *,
-        action: str,
-        mode: _Mode,
-    ) -> T:
-        await self.ensure_ready()
-        # Before the unit: its work reads the clock (``clock.now()``) without awaiting.
-        await self.clock.sync_if_due()
-
-        async def attempt() -> T:
-            async with self._turn(mode), self._connection(mode) as conn:
-                return await work(conn)
-
-        return await self._retrying(attempt, action=action)
 
     async def _retrying(
         self,
@@ -234,59 +362,16 @@ class Store:
                 number += 1
 
     @asynccontextmanager
-    async def _turn(self, mode: _Mode) -> AsyncIterator[None]:
-        """Wait for this process's turn to use the database in ``mode``, where it has turns.
-
-        Why holding an ``asyncio.Lock`` across the unit is safe: a unit never waits for another
-        unit of the same engine while it holds it (nothing nests), so the queue cannot deadlock.
-        """
-        if self._writers is None or (mode is _Mode.READ and not self._alone):
-            yield
-            return
-        async with self._writers:
-            yield
-
-    @asynccontextmanager
-    async def _connection(self, mode: _Mode, *, direct: bool = True) -> AsyncIterator[Connection]:
-        """A connection for one unit of work, with driver errors translated.
-
-        Autocommit units go to the driver directly where the dialect allows it, unless
-        ``direct`` is False (the unit needs SQLAlchemy's connection). This is the one boundary
-        where driver exceptions become ordering-sql exceptions.
-        """
-        try:
-            if direct and self._direct is not None and mode is not _Mode.TRANSACTION:
-                # Both READ and STEP units are autocommit on a dialect with a direct driver.
-                assert self.dialect.single_statement_steps
-                async with self._direct.connection() as conn:
+    async def _sqlalchemy_connection(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """SQLAlchemy's connection, for what is not a step: schema checks and migrations
+        (one transaction, ``BEGIN IMMEDIATE`` on SQLite), with driver errors translated."""
+        with self._translating():
+            async with _turns(self.engine), self.engine.connect() as conn:
+                if not write:
+                    yield await conn.execution_options(**self._autocommit_options)
+                    return
+                async with conn.begin():
                     yield conn
-            else:
-                async with self._sqlalchemy_connection(mode) as sa_conn:
-                    yield sa_conn
-        except OrderingError:
-            raise
-        except self._driver_errors as exc:
-            failure = self.dialect.classify(exc)
-            if failure is Failure.RETRYABLE:
-                raise _Transient from exc
-            if failure is Failure.UNAVAILABLE or _is_connect_error(exc):
-                msg = f"Cannot connect to database {self.url!r}: {_describe(exc)}"
-                raise DatabaseUnavailableError(msg, url=self.url) from exc
-            msg = f"Database {self.url!r} failed: {_describe(exc)}"
-            raise StoreError(msg, url=self.url) from exc
-
-    @asynccontextmanager
-    async def _sqlalchemy_connection(self, mode: _Mode) -> AsyncIterator[AsyncConnection]:
-        autocommit = mode is _Mode.READ or (
-            mode is _Mode.STEP and self.dialect.single_statement_steps
-        )
-        async with self.engine.connect() as conn:
-            if autocommit:
-                # No BEGIN/COMMIT round trips: each statement is its own transaction.
-                yield await conn.execution_options(**self._autocommit_options)
-                return
-            async with conn.begin():
-                yield conn
 
     # -- schema readiness ----------------------------------------------------------------------
 
@@ -323,12 +408,10 @@ class Store:
 
     async def purge_expired(self, now: datetime, *, limit: int) -> int:
         """Delete at most ``limit`` event rows whose marks all expired; how many went."""
-        query, values = self.queries.purge_events, params(now=now, limit=limit)
-
-        async def work(conn: Connection) -> int:
-            return int((await conn.execute(query, values)).rowcount)
-
-        return await self.step(work, action="purge")
+        deleted: int = await self.run(
+            lambda conn: self.steps.purge(conn, now, limit), action="purge"
+        )
+        return deleted
 
     async def purge_if_due(self, now: datetime) -> None:
         """The engine's own purge: one bounded batch, at most once a minute per process.
@@ -359,8 +442,7 @@ class Store:
             await self.dialect.serialize(conn, "ordering_sql", _migrations.MIGRATION_LOCK)
 
         async def attempt() -> None:
-            async with self._turn(_Mode.TRANSACTION), self._connection(_Mode.TRANSACTION) as conn:
-                assert isinstance(conn, AsyncConnection)  # transactions are SQLAlchemy's
+            async with self._sqlalchemy_connection(write=True) as conn:
                 await _migrations.run_upgrade(conn, serialize, revision)
 
         self._check_reachable()
@@ -376,8 +458,7 @@ class Store:
             raise DatabaseUnavailableError(msg, url=self.url)
 
     async def _current_revision(self) -> str | None:
-        async with self._turn(_Mode.READ), self._connection(_Mode.READ, direct=False) as conn:
-            assert isinstance(conn, AsyncConnection)
+        async with self._sqlalchemy_connection(write=False) as conn:
             from ordering_sql.store import _migrations  # imported late: it pulls in Alembic
 
             return await conn.run_sync(_migrations.read_revision)
@@ -471,6 +552,33 @@ class _LoopStores:
         self.stores.clear()
         for item in shared:
             await item.store.dispose()
+
+
+def _given(conn: Any) -> Callable[[], AbstractAsyncContextManager[Any]]:
+    """``conn`` (already open) as a ``connect()`` for ``Dialect.read_clock``."""
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Any]:
+        yield conn
+
+    return connect
+
+
+def _observe_sqlalchemy(engine: AsyncEngine, listeners: list[Callable[[str], None]]) -> None:
+    """Tell ``listeners`` of the statements sent through SQLAlchemy on ``engine``, and of the
+    COMMIT of each of its transactions (``Store.observe``)."""
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        for listener in listeners:
+            listener(statement)
+
+    def on_commit(conn: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            for listener in listeners:
+                listener("COMMIT")
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    event.listen(engine.sync_engine, "commit", on_commit)
 
 
 _engine_turns: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()

@@ -1,21 +1,21 @@
-"""Everything that differs between SQLite and Postgres, and nothing else.
+"""What differs between SQLite and Postgres around the steps: one class per backend.
 
-What differs: how an engine is set up (pool, connection hooks, transaction start), whether a
-step that changes several tables can be one statement, which ``INSERT ... ON CONFLICT``
-construct to use, how a list of event ids is bound as one parameter, how concurrent migrations
-are serialised, what can be known to fail before connecting, and how a driver error is
-classified.
+Each backend's statements and the connections they run on are in its own module
+(``store/postgres.py``, ``store/sqlite.py``); here is the rest of what differs: how an engine
+is set up (pool, connection hooks, transaction start), how concurrent migrations are
+serialised, how the database's clock is read, what can be known to fail before connecting,
+and how a driver error is classified. The Store asks; it never checks which backend it has.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
-import json
 import os
 import sqlite3
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -25,31 +25,33 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy import (
     Connection,
-    DateTime,
     Engine,
-    Select,
-    String,
-    Uuid,
-    any_,
     bindparam,
     event,
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.schema import Table
 
 from ordering_sql._backends import BACKENDS
 from ordering_sql.settings import Settings
 from ordering_sql.store._clock import host_time, process_time
+from ordering_sql.store._driver import DRIVER_ERRORS
+from ordering_sql.store._steps import Steps
+from ordering_sql.store.postgres import PostgresSteps, PostgresUnits
+from ordering_sql.store.sqlite import READ_ONLY, SqliteSteps, SqliteUnits
 
 __all__ = ["Dialect", "Failure", "dialect_for"]
 
-#: Execution option marking a connection that only reads; see ``SqliteDialect``.
-READ_ONLY: Final = "ordering_sql_read_only"
+
+class Units(Protocol):
+    """Where a backend's steps run: ``connection()`` gives what its steps take."""
+
+    def connection(self) -> AbstractAsyncContextManager[Any]: ...
+
+    async def close(self) -> None: ...
 
 
 class Failure(enum.Enum):
@@ -66,12 +68,13 @@ class Dialect(Protocol):
     migrates_on_first_use: ClassVar[bool]
     #: Whether the database admits one writer at a time (so a process queues its own writers).
     single_writer: ClassVar[bool]
-    #: Whether a step that changes several tables can be one statement (data-modifying common
-    #: table expressions); such steps are then sent in autocommit, one round trip each.
-    single_statement_steps: ClassVar[bool]
-    #: The driver whose connections may run the autocommit units directly, past SQLAlchemy's
-    #: execution layer (``store/_driver.py``); None where every unit goes through SQLAlchemy.
-    direct_driver: ClassVar[str | None]
+
+    @property
+    def steps(self) -> Steps:
+        """The backend's steps (``store/_steps.Steps``)."""
+
+    #: What its drivers raise besides SQLAlchemy's wrapped errors (the Store's error boundary).
+    driver_errors: ClassVar[tuple[type[BaseException], ...]]
 
     def engine_url(self, url: URL, settings: Settings) -> URL:
         """The URL to create the engine with (``url``, or a form of it that ``settings`` need)."""
@@ -85,19 +88,16 @@ class Dialect(Protocol):
     def autocommit_options(self) -> dict[str, Any]:
         """Execution options for a connection whose statements each commit on their own."""
 
-    def insert(self, table: Table) -> Any:
-        """An ``INSERT`` that supports ``on_conflict_do_update``/``on_conflict_do_nothing``."""
-
-    def id_list(self, name: str) -> Select[Any]:
-        """``SELECT id FROM <the ids bound as parameter p_<name>>``: the batch statements'
-        event ids as one parameter, so each statement compiles (and is prepared) once whatever
-        the batch size; ``bind_ids`` makes the value."""
-
-    def in_ids(self, column: Any, name: str) -> Any:
-        """``column IN <the ids bound as parameter p_<name>>``, as the index best serves it."""
-
-    def bind_ids(self, ids: Iterable[UUID]) -> Any:
-        """The value of an ``id_list``/``in_ids`` parameter."""
+    def units(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        owns_engine: bool,
+        listeners: list[Callable[[str], None]],
+        turns: asyncio.Lock,
+    ) -> Units:
+        """Where the steps of a Store on ``engine`` run (``listeners`` see every statement)."""
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         """Serialise, until the transaction ends, every writer that calls this with (scope, key)."""
@@ -116,7 +116,7 @@ class Dialect(Protocol):
         self, url: URL, connect: Callable[[], AbstractAsyncContextManager[Any]]
     ) -> datetime:
         """The database's current time, the clock every process shares (``store/_clock.py``);
-        ``connect()`` opens a reading connection, if the dialect needs one."""
+        ``connect()`` opens a connection of ``units``, if the dialect needs one."""
 
 
 class SqliteDialect:
@@ -133,8 +133,24 @@ class SqliteDialect:
     # An embedded file belongs to the application that opened it: set it up on first use.
     migrates_on_first_use: ClassVar[bool] = True
     single_writer: ClassVar[bool] = True
-    single_statement_steps: ClassVar[bool] = False
-    direct_driver: ClassVar[str | None] = None
+    driver_errors: ClassVar[tuple[type[BaseException], ...]] = (sqlite3.Error,)
+
+    @property
+    def steps(self) -> SqliteSteps:
+        return _SQLITE_STEPS
+
+    def units(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        owns_engine: bool,
+        listeners: list[Callable[[str], None]],
+        turns: asyncio.Lock,
+    ) -> Units:
+        return SqliteUnits(
+            engine, settings, owns_engine=owns_engine, listeners=listeners, turns=turns
+        )
 
     def engine_url(self, url: URL, settings: Settings) -> URL:
         if not settings.read_only or self.one_connection(url) or _is_uri(url):
@@ -187,20 +203,6 @@ class SqliteDialect:
 
     def autocommit_options(self) -> dict[str, Any]:
         return {READ_ONLY: True}  # used for reads only: writes take the write lock first
-
-    def insert(self, table: Table) -> Any:
-        return sqlite.insert(table)
-
-    def id_list(self, name: str) -> Select[Any]:
-        # A JSON array of ids as stored (SQLAlchemy's Uuid is 32 hex digits on SQLite).
-        ids = func.json_each(bindparam(f"p_{name}", type_=String())).table_valued("value")
-        return select(ids.c.value.label("id"))
-
-    def in_ids(self, column: Any, name: str) -> Any:
-        return column.in_(self.id_list(name))
-
-    def bind_ids(self, ids: Iterable[UUID]) -> Any:
-        return json.dumps([i.hex for i in ids])
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         # Nothing to do: the transaction began with BEGIN IMMEDIATE and holds SQLite's only write
@@ -288,8 +290,24 @@ class PostgresDialect:
     # A shared server's schema changes only when an operator runs `ordering-sql migrate`.
     migrates_on_first_use: ClassVar[bool] = False
     single_writer: ClassVar[bool] = False
-    single_statement_steps: ClassVar[bool] = True
-    direct_driver: ClassVar[str | None] = "asyncpg"
+    driver_errors: ClassVar[tuple[type[BaseException], ...]] = DRIVER_ERRORS
+
+    @property
+    def steps(self) -> PostgresSteps:
+        return _POSTGRES_STEPS
+
+    def units(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        owns_engine: bool,
+        listeners: list[Callable[[str], None]],
+        turns: asyncio.Lock,
+    ) -> Units:
+        return PostgresUnits(
+            engine, settings, owns_engine=owns_engine, listeners=listeners, turns=turns
+        )
 
     def engine_url(self, url: URL, settings: Settings) -> URL:
         return url
@@ -318,19 +336,6 @@ class PostgresDialect:
     def autocommit_options(self) -> dict[str, Any]:
         return {"isolation_level": "AUTOCOMMIT"}
 
-    def insert(self, table: Table) -> Any:
-        return postgresql.insert(table)
-
-    def id_list(self, name: str) -> Select[Any]:
-        ids = bindparam(f"p_{name}", type_=postgresql.ARRAY(Uuid()))
-        return select(func.unnest(ids).column_valued("id"))
-
-    def in_ids(self, column: Any, name: str) -> Any:
-        return column == any_(bindparam(f"p_{name}", type_=postgresql.ARRAY(Uuid())))
-
-    def bind_ids(self, ids: Iterable[UUID]) -> Any:
-        return list(ids)
-
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         # A transaction-scoped advisory lock: released at commit, locks nothing else.
         await conn.execute(_ADVISORY_LOCK, {"key": advisory_key(scope, key)})
@@ -345,7 +350,9 @@ class PostgresDialect:
         self, url: URL, connect: Callable[[], AbstractAsyncContextManager[Any]]
     ) -> datetime:
         async with connect() as conn:
-            now: datetime = (await conn.execute(_CLOCK)).scalar_one()
+            # The server's current time (not the transaction's start, as ``now()`` would be).
+            ((now,),) = await conn.fetch("SELECT clock_timestamp()")
+        assert isinstance(now, datetime)
         return now
 
     def classify(self, exc: BaseException) -> Failure:
@@ -370,9 +377,9 @@ class PostgresDialect:
         return Failure.OTHER
 
 
+_SQLITE_STEPS: Final = SqliteSteps()
+_POSTGRES_STEPS: Final = PostgresSteps()
 _ADVISORY_LOCK: Final = select(func.pg_advisory_xact_lock(bindparam("key")))
-#: The server's current time (not the transaction's start, as ``now()`` would be).
-_CLOCK: Final = select(func.clock_timestamp(type_=DateTime(timezone=True)))
 
 
 def advisory_key(scope: str, key: UUID) -> int:

@@ -40,7 +40,7 @@ from uuid import UUID
 import aiosqlite
 import asyncpg
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ordering_sql.admin import status
@@ -149,34 +149,15 @@ def chains(events: int, *, shuffled: bool, seed: int, duplicates: float = 0.0) -
 
 @contextlib.contextmanager
 def _counting_statements(store: Store) -> Iterator[list[int]]:
-    """Counts statements sent, plus BEGIN and COMMIT of explicit transactions.
-
-    Statements that Postgres's autocommit units send past SQLAlchemy (``store/_driver.py``)
-    are counted through the direct path's listeners.
-    """
+    """Counts the statements sent on every path (``Store.observe``): round trips, BEGIN and
+    COMMIT of explicit transactions included."""
     count = [0]
-    engine = store.engine.sync_engine
 
-    def before(conn: Any, *_: Any) -> None:
+    def seen(_statement: str) -> None:
         count[0] += 1
 
-    def on_commit(conn: Any) -> None:
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            count[0] += 2 if conn.dialect.name != "sqlite" else 1
-
-    def direct(_statement: str) -> None:
-        count[0] += 1
-
-    listeners = store._direct.listeners if store._direct is not None else []
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "commit", on_commit)
-    listeners.append(direct)
-    try:
+    with store.observe(seen):
         yield count
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "commit", on_commit)
-        listeners.remove(direct)
 
 
 async def _in_process(

@@ -456,9 +456,10 @@ async def _sqlite_synchronous(ordering: CausalOrdering[Any]) -> int:
     db = await ordering._db()
 
     async def work(conn: Any) -> int:
-        return int((await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one())
+        rows = await conn.unit(lambda cursor: cursor.rows("PRAGMA synchronous"), write=False)
+        return int(rows[0][0])
 
-    return await db.read(work, action="test")
+    return await db.run(work, action="test")
 
 
 @pytest.mark.sqlite

@@ -36,8 +36,6 @@ from ordering_sql import (
     ReceivedEvent,
     dispose_engines,
 )
-from ordering_sql.store import Connection
-from ordering_sql.store._queries import params
 from ordering_sql.tools.simulation import DeliveryQueue, HandledLog, build_stream, check, run_worker
 from tests.conftest import OrderingFactory
 from tests.support import Clock, make_event
@@ -555,27 +553,39 @@ def _sqlite_path(database_url: str) -> str:
     return path
 
 
+@pytest.fixture(params=["own connections", "host engine"])
+async def sqlite_ordering(
+    request: pytest.FixtureRequest, make_ordering: OrderingFactory, database_url: str
+) -> AsyncIterator[CausalOrdering[Any]]:
+    """An instance on this process's own SQLite connections (its own engine), or on a host
+    application's engine (SQLAlchemy's connections): the two places SQLite units run."""
+    if request.param == "own connections":
+        yield make_ordering()
+        return
+    engine = create_async_engine(database_url)
+    try:
+        yield make_ordering(engine=engine, database_url=None)
+    finally:
+        await engine.dispose()
+
+
 @SQLITE_ONLY
-@pytest.mark.parametrize("unit", ["step", "write"])
 async def test_a_sqlite_write_unit_holds_the_write_lock_before_its_first_statement(
-    ordering: CausalOrdering[Any], database_url: str, unit: str
+    sqlite_ordering: CausalOrdering[Any], database_url: str
 ) -> None:
-    """``Store.step`` and ``Store.write`` begin with ``BEGIN IMMEDIATE``: before the unit has
-    sent a single statement, another connection cannot take the write lock, so a unit that
-    reads and then writes can never fail half-way for a lock another writer took first."""
-    await ordering.event_has_been_seen(make_event())  # migrated and connected
-    db = await ordering._db()
+    """Every write step runs as a unit that begins with ``BEGIN IMMEDIATE``: before the unit
+    has sent a single statement of its own, another connection cannot take the write lock, so
+    a unit that reads and then writes can never fail half-way for a lock another writer took
+    first; and the unit lets go of it at its end."""
+    db = await sqlite_ordering._db()  # migrated and connected
     path = _sqlite_path(database_url)
     assert write_lock_refusal(path) is None, "nobody holds the lock between units"
 
-    async def work(conn: Connection) -> str | None:
-        refusal = write_lock_refusal(path)  # before any statement of the unit
-        values = params(scope=ordering.scope, event_id=uuid4())
-        await conn.execute(db.queries.marks, values)
-        return refusal
+    async def work(conn: Any) -> str | None:
+        unit: str | None = await conn.unit(lambda _cursor: write_lock_refusal(path), write=True)
+        return unit
 
-    run = db.step if unit == "step" else db.write
-    refusal = await run(work, action="test")
+    refusal = await db.run(work, action="test")
     assert refusal is not None, "the unit began without taking the write lock"
     assert "database is locked" in refusal
     assert write_lock_refusal(path) is None, "and it let go of it at its end"
@@ -583,21 +593,17 @@ async def test_a_sqlite_write_unit_holds_the_write_lock_before_its_first_stateme
 
 @SQLITE_ONLY
 async def test_a_sqlite_read_unit_takes_no_write_lock(
-    ordering: CausalOrdering[Any], database_url: str
+    sqlite_ordering: CausalOrdering[Any], database_url: str
 ) -> None:
-    """The control: ``Store.read`` takes no write lock, before or after its statement, so
-    reads never hold up writers."""
-    await ordering.event_has_been_seen(make_event())
-    db = await ordering._db()
+    """The control: a read unit takes no write lock, so reads never hold up writers."""
+    db = await sqlite_ordering._db()
     path = _sqlite_path(database_url)
 
-    async def work(conn: Connection) -> tuple[str | None, str | None]:
-        before = write_lock_refusal(path)
-        values = params(scope=ordering.scope, event_id=uuid4())
-        await conn.execute(db.queries.marks, values)
-        return before, write_lock_refusal(path)
+    async def work(conn: Any) -> str | None:
+        unit: str | None = await conn.unit(lambda _cursor: write_lock_refusal(path), write=False)
+        return unit
 
-    assert await db.read(work, action="test") == (None, None)
+    assert await db.run(work, action="test") is None
 
 
 # -- 8. the batch path's lookback boundary --------------------------------------------------------

@@ -2,9 +2,9 @@
 
 On Postgres every step of the protocol is one statement sent in autocommit, so statements are
 round trips: an in-order event costs 2 (take the lease and read the leader; complete), a
-follower that is parked and later replayed costs 4 in all. On SQLite a step that touches several
-rows is a few statements inside one ``BEGIN IMMEDIATE`` transaction: there the budget is counted
-in units of work (transactions or single autocommit statements), each one lock acquisition.
+follower that is parked and later replayed costs 4 in all. On SQLite a step is a few statements
+inside one ``BEGIN IMMEDIATE`` transaction, run in one hop to its connection's thread: there the
+budget is counted in units of work (transactions), each one lock acquisition and one hop.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def _budget(ordering: CausalOrdering[Any], counter: Counter) -> int:
     assert ordering._store is not None
     # A budget is only as good as the counter: every path must be seen (Postgres's direct one too).
     assert counter.statements, "no statement was counted"
-    return counter.round_trips if ordering._store.queries.single_statement_steps else counter.units
+    postgres = ordering._store.dialect.name == "postgresql"
+    return counter.round_trips if postgres else counter.units
 
 
 async def test_in_order_event_without_leader_costs_two(ordering: CausalOrdering[Any]) -> None:
