@@ -38,10 +38,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ordering_sql._backends import BACKENDS
 from ordering_sql.settings import Settings
 from ordering_sql.store._clock import host_time, process_time
-from ordering_sql.store._driver import DRIVER_ERRORS
+from ordering_sql.store._driver import DRIVER_ERRORS, PostgresUnits
+from ordering_sql.store._sqlite_units import READ_ONLY, SqliteUnits
 from ordering_sql.store._steps import Steps
-from ordering_sql.store.postgres import PostgresSteps, PostgresUnits
-from ordering_sql.store.sqlite import READ_ONLY, SqliteSteps, SqliteUnits
+from ordering_sql.store.postgres import PostgresSteps
+from ordering_sql.store.sqlite import SqliteSteps
 
 __all__ = ["Dialect", "Failure", "dialect_for"]
 

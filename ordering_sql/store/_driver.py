@@ -31,7 +31,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["DRIVER_ERRORS", "DriverConnection", "DriverConnections", "SqlAlchemyConnection"]
+from ordering_sql.settings import Settings
+
+__all__ = [
+    "DRIVER_ERRORS",
+    "DriverConnection",
+    "DriverConnections",
+    "PostgresUnits",
+    "SqlAlchemyConnection",
+]
 
 #: What asyncpg raises itself: errors the server reported, client-side ones (a closed link), and
 #: a connection found in the middle of an operation that an earlier failure broke off.
@@ -202,3 +210,37 @@ def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(
         exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError
     )
+
+
+class PostgresUnits:
+    """Where the Postgres steps run: asyncpg's own connections out of the engine's pool (the
+    direct path, ``store/_driver.py``), or SQLAlchemy's, in autocommit."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        owns_engine: bool,
+        listeners: list[Callable[[str], None]],
+        turns: asyncio.Lock,
+    ) -> None:
+        self._engine = engine
+        self._direct: DriverConnections | None = None
+        if settings.direct_driver and engine.dialect.driver == "asyncpg":
+            keep = settings.pool_size if owns_engine else 0  # a host's pool is never hoarded
+            self._direct = DriverConnections(engine, keep=keep, listeners=listeners)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[DriverConnection | SqlAlchemyConnection]:
+        if self._direct is not None:
+            async with self._direct.connection() as conn:
+                yield conn
+            return
+        async with self._engine.connect() as sa_conn:
+            autocommit = await sa_conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield SqlAlchemyConnection(autocommit)
+
+    async def close(self) -> None:
+        if self._direct is not None:
+            await self._direct.close()

@@ -16,17 +16,11 @@ follower: see ``store/_steps.py``.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar
 from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from ordering_sql.settings import Settings
-from ordering_sql.store._driver import DriverConnections, SqlAlchemyConnection
 from ordering_sql.store._steps import (
     Claimed,
     Complete,
@@ -41,7 +35,7 @@ from ordering_sql.store._steps import (
     Taken,
 )
 
-__all__ = ["Connection", "PostgresSteps", "PostgresUnits"]
+__all__ = ["Connection", "PostgresSteps"]
 
 R = TypeVar("R")
 
@@ -572,37 +566,3 @@ def _later(a: datetime | None, b: datetime) -> datetime:
 def _all(results: Sequence[R | None]) -> list[R]:
     assert all(result is not None for result in results)
     return [result for result in results if result is not None]
-
-
-class PostgresUnits:
-    """Where the Postgres steps run: asyncpg's own connections out of the engine's pool (the
-    direct path, ``store/_driver.py``), or SQLAlchemy's, in autocommit."""
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        *,
-        owns_engine: bool,
-        listeners: list[Callable[[str], None]],
-        turns: asyncio.Lock,
-    ) -> None:
-        self._engine = engine
-        self._direct: DriverConnections | None = None
-        if settings.direct_driver and engine.dialect.driver == "asyncpg":
-            keep = settings.pool_size if owns_engine else 0  # a host's pool is never hoarded
-            self._direct = DriverConnections(engine, keep=keep, listeners=listeners)
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        if self._direct is not None:
-            async with self._direct.connection() as conn:
-                yield conn
-            return
-        async with self._engine.connect() as sa_conn:
-            autocommit = await sa_conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield SqlAlchemyConnection(autocommit)
-
-    async def close(self) -> None:
-        if self._direct is not None:
-            await self._direct.close()
