@@ -112,15 +112,15 @@ def expected_ready(events: list[Planned], taken: set[UUID], seen: set[UUID]) -> 
 
 @st.composite
 def batches(draw: st.DrawFn) -> tuple[list[Planned], set[UUID], set[UUID]]:
-    pool = ids(draw(st.integers(min_value=1, max_value=12)))
-    outside = ids(3)  # leaders that are never in the batch
-    events: list[Planned] = []
-    for event in draw(st.lists(st.sampled_from(pool), min_size=1, max_size=12, unique=True)):
-        leader = draw(st.one_of(st.none(), st.sampled_from(pool + outside)))
-        events.append(Planned(event, None if leader == event else leader))
-    taken = {e.id for e in events if draw(st.booleans()) or draw(st.booleans())}
-    seen = {leader for leader in pool + outside if draw(st.booleans())} - taken
-    return events, taken, seen
+    batch = ids(draw(st.integers(min_value=1, max_value=10)))
+    outside = ids(2)  # leaders that are not in the batch
+    # Leaders drawn mostly from the batch itself, so chains, cycles and self-follows are common.
+    leaders = st.one_of(st.none(), st.sampled_from(batch), st.sampled_from(outside))
+    events = [Planned(event, draw(leaders)) for event in batch]
+    events = [Planned(e.id, None if e.waits_for == e.id else e.waits_for) for e in events]
+    taken = {event for event in batch if draw(st.integers(0, 3))}  # mostly taken
+    seen = {leader for leader in batch + outside if draw(st.booleans())} - taken
+    return draw(st.permutations(events)), taken, seen
 
 
 @given(batches())
