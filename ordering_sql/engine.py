@@ -407,4 +407,19 @@ class CausalOrdering(Handling[E]):
 
     @property
     def lease_timeout(self) -> timedelta:
+        """How long a processing lease lasts unless renewed (``durations.lease``)."""
         return self.durations.lease
+
+    @asynccontextmanager
+    async def observe_statements(self, listener: Callable[[str], None]) -> AsyncIterator[None]:
+        """Call ``listener`` with the SQL text of every statement sent while the block runs.
+
+        Every path counts: SQLAlchemy's, asyncpg's own and SQLite's thread connections,
+        ``BEGIN`` and ``COMMIT`` included; a statement merged for several callers is seen once.
+        The engine is shared, so statements of other instances on the same database URL and
+        event loop are seen too. Connects first, so it raises what ``check()`` raises. For
+        counting round trips and for instrumentation; ``listener`` must not block.
+        """
+        db = await self._db()
+        with db.observe(listener):
+            yield

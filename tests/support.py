@@ -126,11 +126,10 @@ class Counter:
         return self.transactions + sum(1 for _, autocommit in self._walk() if autocommit)
 
 
-@contextmanager
-def counting(ordering: CausalOrdering[Any]) -> Iterator[Counter]:
-    assert ordering._store is not None, "use the instance once before counting"
+@asynccontextmanager
+async def counting(ordering: CausalOrdering[Any]) -> AsyncIterator[Counter]:
     counter = Counter()
-    with ordering._store.observe(counter.sent.append):
+    async with ordering.observe_statements(counter.sent.append):
         yield counter
 
 

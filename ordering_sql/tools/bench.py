@@ -54,7 +54,6 @@ from ordering_sql.settings import (
     mask_url,
     normalize_url,
 )
-from ordering_sql.store import Store
 from ordering_sql.tools.simulation import (
     DeliveryQueue,
     HandledLog,
@@ -147,19 +146,6 @@ def chains(events: int, *, shuffled: bool, seed: int, duplicates: float = 0.0) -
     return Stream(events=made, deliveries=deliveries)
 
 
-@contextlib.contextmanager
-def _counting_statements(store: Store) -> Iterator[list[int]]:
-    """Counts the statements sent on every path (``Store.observe``): round trips, BEGIN and
-    COMMIT of explicit transactions included."""
-    count = [0]
-
-    def seen(_statement: str) -> None:
-        count[0] += 1
-
-    with store.observe(seen):
-        yield count
-
-
 async def _in_process(
     url: str, stream: Stream, workers: int, *, batch: int | None = None
 ) -> tuple[float, list[float], int, list[dict[str, Any]], str]:
@@ -167,11 +153,15 @@ async def _in_process(
     ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
     try:
         await ordering.check()
-        store = await ordering._db()
         queue = DeliveryQueue(stream.deliveries)
         logs = [HandledLog(None, f"w{i}") for i in range(workers)]
         latencies: list[float] = []
-        with _counting_statements(store) as count:
+        count = [0]
+
+        def sent(_statement: str) -> None:
+            count[0] += 1
+
+        async with ordering.observe_statements(sent):
             began = time.perf_counter()
             if batch is None:
                 await asyncio.gather(

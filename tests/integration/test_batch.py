@@ -565,7 +565,7 @@ async def _counted_batch(
     ordering: CausalOrdering[Any], events: list[ReceivedEvent]
 ) -> tuple[Counter, Batch[ReceivedEvent]]:
     consumer = Consumer(ordering)
-    with counting(ordering) as counter:
+    async with counting(ordering) as counter:
         batch = await consumer.deliver(events)
     assert len(batch.ready) == len({e.id for e in events}), batch
     assert consumer.replayed == []

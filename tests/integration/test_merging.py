@@ -35,7 +35,7 @@ def _units(counter: Counter, word: str) -> int:
 
 async def test_a_lone_caller_runs_alone_and_at_once(ordering: CausalOrdering[Any]) -> None:
     await _warm(ordering)
-    with counting(ordering) as counter:
+    async with counting(ordering) as counter:
         assert await ordering.record_event_as_processing(make_event())
     assert _units(counter, "WITH") == 1, counter
 
@@ -49,7 +49,7 @@ async def test_concurrent_callers_share_statements(
     workers = [make_ordering() for _ in range(CALLERS)]
     await _warm(workers[0])
     events = [make_event() for _ in range(CALLERS)]
-    with counting(workers[0]) as counter:
+    async with counting(workers[0]) as counter:
         taken = await asyncio.gather(
             *(w.record_event_as_processing(e) for w, e in zip(workers, events, strict=True))
         )
@@ -61,7 +61,7 @@ async def test_concurrent_callers_share_statements(
             await asyncio.sleep(0)
 
     others = [make_event() for _ in range(CALLERS)]
-    with counting(workers[0]) as counter:
+    async with counting(workers[0]) as counter:
         await asyncio.gather(*(handle(w, e) for w, e in zip(workers, others, strict=True)))
     for event in others:
         assert await workers[0].event_has_been_seen(event)
@@ -136,7 +136,7 @@ async def test_sqlite_merges_different_write_steps_into_one_transaction(
         with contextlib.suppress(EventArrivedEarly):  # the followers park
             await handler(event)
 
-    with counting(workers[0]) as counter:
+    async with counting(workers[0]) as counter:
         await asyncio.gather(
             *(deliver(w, e) for w, e in zip(workers, [*followers, *singles], strict=True))
         )

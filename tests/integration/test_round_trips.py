@@ -42,7 +42,7 @@ def _budget(ordering: CausalOrdering[Any], counter: Counter) -> int:
 async def test_in_order_event_without_leader_costs_two(ordering: CausalOrdering[Any]) -> None:
     await _warm(ordering)
     handled: list[Any] = []
-    with counting(ordering) as counter:
+    async with counting(ordering) as counter:
         await _handle(ordering, make_event(), handled)
     assert len(handled) == 1
     assert _budget(ordering, counter) <= 2, counter
@@ -53,7 +53,7 @@ async def test_event_whose_leader_was_seen_costs_two(ordering: CausalOrdering[An
     leader = make_event()
     handled: list[Any] = []
     await _handle(ordering, leader, handled)
-    with counting(ordering) as counter:
+    async with counting(ordering) as counter:
         await _handle(ordering, make_event(follows=leader), handled)
     assert len(handled) == 2
     assert _budget(ordering, counter) <= 2, counter
@@ -64,13 +64,14 @@ async def test_parked_then_replayed_follower_costs_four(ordering: CausalOrdering
     leader = make_event()
     follower = make_event(follows=leader)
     handled: list[Any] = []
-    with counting(ordering) as parking, contextlib.suppress(EventArrivedEarly):
-        await _handle(ordering, follower, handled)
+    async with counting(ordering) as parking:
+        with contextlib.suppress(EventArrivedEarly):
+            await _handle(ordering, follower, handled)
     assert handled == []
 
     assert _budget(ordering, parking) <= 2, parking  # take the lease; park
 
-    with counting(ordering) as replay:
+    async with counting(ordering) as replay:
         await _handle(ordering, leader, handled)
     assert handled == [leader.id, follower.id]
     # The leader's own path: lease, completion, and one more claim (followers exist) = 3.
