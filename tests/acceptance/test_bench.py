@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from ordering_sql.tools.bench import BenchReport, Floors, WorkloadResult, figure
+
 
 def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
@@ -25,8 +27,12 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str]
 
 
 def test_bench_on_sqlite_reports_floors_and_correct_workloads(tmp_path: Path) -> None:
-    result, report = _bench(tmp_path, "--events", "60", "--workloads", "W1,W2,W3")
+    chart = tmp_path / "bench.png"
+    result, report = _bench(
+        tmp_path, "--events", "60", "--workloads", "W1,W2,W3", "--plot", str(chart)
+    )
     assert result.returncode == 0, result.stderr
+    assert chart.read_bytes().startswith(b"\x89PNG")
     floors = report["floors"]["sqlite"]
     measured = ("raw_insert_commit", "raw_insert_commit_parallel", "sqlalchemy_insert_commit")
     assert all(floors[k] > 0 for k in measured)
@@ -57,3 +63,50 @@ def test_bench_w5_processes_on_postgres(tmp_path: Path, postgres_url: str) -> No
     rows = {r["workload"]: r for r in report["results"]}
     assert rows["W5"]["correct"], rows["W5"]["problems"]
     assert rows["W1"]["backend"] == "postgresql"
+
+
+def test_the_plot_is_on_a_log_scale_with_each_backends_floors_drawn() -> None:
+    """W4's bar is 10-50x W1's: on a linear axis W1-W3 flatten; the floors give the scale."""
+    floors = {
+        "sqlite": Floors(
+            raw_insert_commit=1300.0,
+            raw_insert_commit_parallel=1500.0,
+            raw_select_1=9000.0,
+            sqlalchemy_insert_commit=900.0,
+            sqlalchemy_select_1=5000.0,
+        ),
+        "postgresql": Floors(
+            raw_insert_commit=2400.0,
+            raw_insert_commit_parallel=4000.0,
+            raw_select_1=5600.0,
+            sqlalchemy_insert_commit=1400.0,
+            sqlalchemy_select_1=2200.0,
+        ),
+    }
+    results = [
+        WorkloadResult(
+            workload=workload,
+            backend=backend,
+            events=5000,
+            runs=[rate],
+            events_per_s=rate,
+            p50_s=None,
+            p99_s=None,
+            statements_per_event=None,
+            ratio_to_floor=rate / floors[backend].two_statement,
+            correct=True,
+            problems=[],
+        )
+        for backend in floors
+        for workload, rate in (("W1", 500.0), ("W3", 600.0), ("W4", 11000.0))
+    ]
+    fig = figure(BenchReport(floors=floors, results=results))
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    drawn = sorted(line.get_ydata()[0] for line in ax.get_lines())
+    expected = [f.two_statement for f in floors.values()] + [
+        f.raw_insert_commit for f in floors.values()
+    ]
+    assert drawn == sorted(expected)
+    heights = sorted(round(bar.get_height()) for bar in ax.patches)
+    assert heights == sorted([500, 600, 11000] * 2)
