@@ -220,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench_p.add_argument(
-        "--plot", metavar="FILE.png", help="draw events/s per workload (needs matplotlib)"
+        "--plot",
+        metavar="FILE.png",
+        help=(
+            "draw events/s per workload on a log scale, with each database's floors "
+            "(needs matplotlib: pip install 'ordering-sql[bench]')"
+        ),
     )
     bench_p.set_defaults(func=_bench)
     return parser
