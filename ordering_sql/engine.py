@@ -83,6 +83,15 @@ class CausalOrdering(Handling[E]):
 
     ``migrate_on_first_use``: migrate the schema at the first call if it is missing or old
     (None, the default: only an embedded SQLite database is; see ``Store.ensure_ready``).
+
+    Errors every method that reaches the database may raise, besides those it names itself:
+    ``ClosedError`` after ``close()``; ``SchemaNotReadyError`` if the ordering tables are
+    missing or older than this code (run ``ordering-sql migrate``); ``DatabaseUnavailableError``
+    if the database cannot be reached; ``StoreError`` if it failed otherwise. Transient
+    failures (a lost connection, a deadlock, a busy SQLite file) are retried before any of
+    these is raised; each step is safe to retry, so a retry never takes, parks or completes
+    anything twice. Event arguments that cannot be ordered (no id, a naive datetime) raise
+    ``ConfigurationError``.
     """
 
     #: The exceptions raised for the three outcomes the reference names. A subclass may put
@@ -172,7 +181,11 @@ class CausalOrdering(Handling[E]):
     # -- processing marks ----------------------------------------------------------------------
 
     async def record_event_as_processing(self, event: EventLike) -> bool:
-        """Take the processing lease; False if another holder has it or the event was seen."""
+        """Take ``event``'s processing lease for this instance.
+
+        Returns True if taken, False if another holder has a live lease or the event was seen.
+        The lease is not renewed: end it with ``forget_event_is_processing``.
+        """
         event_id = _event_id(event)
         token = uuid4()
         if event_id not in (await self._take([event_id], token)).taken:
@@ -181,11 +194,14 @@ class CausalOrdering(Handling[E]):
         return True
 
     async def event_has_started_processing(self, event: UUID | str | HasId) -> bool:
-        """Whether a handler holds ``event``'s processing lease right now."""
+        """Returns whether a handler holds ``event``'s processing lease right now."""
         return (await self._marks(_event_id(event))).processing
 
     async def forget_event_is_processing(self, event: EventLike) -> None:
-        """End the processing mark: the lease this instance took, or (if none) whoever's it is."""
+        """End ``event``'s processing lease: the one this instance took, or else whoever's it is.
+
+        Returns None; an event without a lease is left as it is.
+        """
         event_id = _event_id(event)
         db = await self._db()
         token = self._leases.pop(event_id, None)
@@ -194,11 +210,11 @@ class CausalOrdering(Handling[E]):
     # -- seen marks ----------------------------------------------------------------------------
 
     async def event_has_been_seen(self, event: UUID | str | HasId) -> bool:
-        """Whether ``event`` was handled (within ``seen_expiration``)."""
+        """Returns whether ``event`` was handled within ``seen_expiration``."""
         return (await self._marks(_event_id(event))).seen
 
     async def record_event_as_seen(self, event: EventLike) -> None:
-        """Mark ``event`` handled, leaving any lease as it is."""
+        """Mark ``event`` handled for ``seen_expiration``, leaving any lease as it is."""
         event_id = _event_id(event)
         db = await self._db()
         await db.mark_seen(self.scope, [event_id], self._now() + self.durations.seen)
@@ -218,18 +234,20 @@ class CausalOrdering(Handling[E]):
         await self._park([(event, stored)], None, unless_leader_seen=False)
 
     async def forget_follower(self, follower: EventLike) -> None:
-        """Forget that ``follower`` waits for its leader."""
+        """Forget that ``follower`` waits for its leader; an unknown follower is ignored."""
         db = await self._db()
         await db.forget_followers(self.scope, [_event_id(follower)])
 
     async def get_followers(self, leader: UUID | str | HasId) -> list[E]:
-        """The events waiting for ``leader``, in ``occurred`` order."""
+        """Returns the stored events waiting for ``leader``, in ``occurred`` order (as
+        ``event_type``), without claiming or removing them."""
         db = await self._db()
         found = await db.followers_of(self.scope, _event_id(leader))
         return [self.event_type.model_validate_json(event) for event in found]
 
     async def followers_by_id(self, follower_ids: Sequence[UUID | str]) -> list[E]:
-        """The stored followers with these ids, in ``occurred`` order; unknown ids are skipped."""
+        """Returns the stored followers with these ids, in ``occurred`` order (as
+        ``event_type``); unknown ids are skipped."""
         ids = [_event_id(i) for i in follower_ids]
         if not ids:
             return []
@@ -238,7 +256,8 @@ class CausalOrdering(Handling[E]):
         return [self.event_type.model_validate_json(event) for event in found]
 
     async def get_lost_followers(self) -> list[E]:
-        """Hand over the followers whose leader never came, in ``occurred`` order.
+        """Returns the followers whose leader never came, in ``occurred`` order (as
+        ``event_type``), each claimed for ``claim_timeout``.
 
         Lost means: waiting since before the lookback horizon; or claimed by a leader (or by an
         earlier sweep) whose claim expired, because that worker died or the handler for this
@@ -268,12 +287,12 @@ class CausalOrdering(Handling[E]):
     # -- clearing ------------------------------------------------------------------------------
 
     async def clear(self) -> None:
-        """Forget everything of this scope."""
+        """Forget every mark and parked follower of this scope (other scopes are untouched)."""
         await (await self._db()).clear(self.scope)
         self._leases.clear()
 
     async def clear_all_scopes(self) -> None:
-        """Forget everything of every scope in this instance's database."""
+        """Forget every mark and parked follower of every scope in this instance's database."""
         await (await self._db()).clear(None)
         self._leases.clear()
 
@@ -293,7 +312,13 @@ class CausalOrdering(Handling[E]):
         await self._complete_one(event, token, claim=False)
 
     async def wait_for_leader(self, event: EventLike) -> None:
-        """Return when ``event`` may be handled; park it and raise ``EventArrivedEarly`` if not."""
+        """Return when ``event`` may be handled; else park it and raise ``EventArrivedEarly``.
+
+        It may be handled if it follows nothing, if its leader was handled, or if it is older
+        than ``preceding_event_lookback``. Parked, it is stored durably before the error is
+        raised, so its message may be acknowledged. ``ConfigurationError`` if it cannot be
+        stored.
+        """
         check_event(event)
         token = self._leases.get(event.id)
         hold = None if token is None else Hold(token, [event.id])

@@ -49,6 +49,7 @@ class _EventError(OrderingError):
 
     @property
     def event_id(self) -> UUID | None:
+        """The id of the event the error is about, or None if it has none."""
         return getattr(self.event, "id", None)
 
     def __str__(self) -> str:

@@ -49,6 +49,7 @@ class Resource(RootModel[dict[str, str]]):
 
     @property
     def id(self) -> str:
+        """The resource's ``prefect.resource.id`` label (always present and non-empty)."""
         return self.root[RESOURCE_ID_LABEL]
 
     def __getitem__(self, label: str) -> str:
@@ -61,12 +62,15 @@ class Resource(RootModel[dict[str, str]]):
         return len(self.root)
 
     def get(self, label: str, default: str | None = None) -> str | None:
+        """Returns the value of ``label``, or ``default`` if the resource has no such label."""
         return self.root.get(label, default)
 
     def items(self) -> Any:
+        """Returns the ``(label, value)`` pairs, as ``dict.items()`` does."""
         return self.root.items()
 
     def as_dict(self) -> Mapping[str, str]:
+        """Returns a new ``dict`` of the labels (a copy: changing it changes nothing here)."""
         return dict(self.root)
 
 

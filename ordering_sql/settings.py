@@ -104,16 +104,23 @@ class Durations(BaseModel):
 
     @property
     def seen(self) -> timedelta:
+        """How long a seen mark lives: ``seen_expiration``, once defaults are resolved."""
         assert self.seen_expiration is not None  # set by _derive
         return self.seen_expiration
 
     @property
     def lease(self) -> timedelta:
+        """How long a processing lease lives unless renewed: ``lease_timeout``, resolved."""
         assert self.lease_timeout is not None  # set by _derive
         return self.lease_timeout
 
     @classmethod
     def build(cls, **overrides: Any) -> Durations:
+        """Returns the durations with ``overrides`` applied (names as the constructor's).
+
+        Raises ``ConfigurationError`` naming the first invalid value, instead of pydantic's
+        ``ValidationError``.
+        """
         try:
             return cls(**overrides)
         except ValidationError as exc:

@@ -104,3 +104,32 @@ def test_database_unavailable_is_a_store_error() -> None:
 def test_public_callables_are_coroutine_functions() -> None:
     assert inspect.iscoroutinefunction(ordering_sql.migrate)
     assert inspect.iscoroutinefunction(ordering_sql.dispose_engines)
+
+
+def _own_members(cls: type) -> list[tuple[str, object]]:
+    """Public methods and properties ``cls`` or its ordering_sql bases define (not pydantic's)."""
+    members = []
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("ordering_sql"):
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(value, (classmethod, staticmethod)):
+                value = value.__func__
+            if inspect.isfunction(value) or isinstance(value, property):
+                members.append((f"{klass.__name__}.{name}", value))
+    return members
+
+
+def test_every_public_function_method_and_property_says_what_it_does() -> None:
+    undocumented = []
+    for name in ordering_sql.__all__:
+        value = getattr(ordering_sql, name)
+        if inspect.isclass(value):
+            if not inspect.getdoc(value):
+                undocumented.append(name)
+            undocumented += [n for n, member in _own_members(value) if not inspect.getdoc(member)]
+        elif inspect.isfunction(value) and not inspect.getdoc(value):
+            undocumented.append(name)
+    assert undocumented == []
