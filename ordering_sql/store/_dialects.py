@@ -52,6 +52,9 @@ class Units(Protocol):
 
     def connection(self) -> AbstractAsyncContextManager[Any]: ...
 
+    def joining(self, conn: AsyncConnection) -> Any:
+        """What the steps take, on a caller's connection inside the caller's transaction."""
+
     async def close(self) -> None: ...
 
 

@@ -241,6 +241,11 @@ class PostgresUnits:
             autocommit = await sa_conn.execution_options(isolation_level="AUTOCOMMIT")
             yield SqlAlchemyConnection(autocommit)
 
+    def joining(self, conn: AsyncConnection) -> SqlAlchemyConnection:
+        """The steps' connection on ``conn``, inside the transaction its caller began: the
+        statements run there and commit or roll back with the caller's own work."""
+        return SqlAlchemyConnection(conn)
+
     async def close(self) -> None:
         if self._direct is not None:
             await self._direct.close()

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection as SyncConnection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql.settings import Settings
 from ordering_sql.store.sqlite import Connection, Cursor, Params
@@ -210,6 +210,19 @@ class _EngineUnits:
                 return await conn.run_sync(lambda sync: fn(_SqlAlchemyCursor(sync)))
 
 
+class _JoinedUnits:
+    """Units inside the caller's own transaction on its SQLAlchemy connection: no BEGIN or
+    COMMIT of their own, and no turn (the caller's transaction already holds what it holds)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def unit(self, fn: Callable[[Cursor], T], *, write: bool) -> T:
+        return await self._conn.run_sync(lambda sync: fn(_SqlAlchemyCursor(sync)))
+
+
 class SqliteUnits:
     """Where the SQLite steps run: this process's own thread connections to the database file
     (one hop per unit), or, for a host's engine and for ``:memory:``, SQLAlchemy's connections.
@@ -264,6 +277,11 @@ class SqliteUnits:
     async def connection(self) -> AsyncIterator[Connection]:
         """What a step runs on: each ``unit`` it runs gets a connection of its own."""
         yield self._conn
+
+    def joining(self, conn: AsyncConnection) -> Connection:
+        """The steps' connection on ``conn``, inside the transaction its caller began: the
+        statements run there and commit or roll back with the caller's own work."""
+        return _JoinedUnits(conn)
 
     async def close(self) -> None:
         if self._threads is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "Claimed",
     "Complete",
     "Completed",
+    "Joined",
     "Marks",
     "Park",
     "Parking",
@@ -222,3 +223,49 @@ class Steps(Protocol):
     async def renew_claims(self, conn: Any, requests: Sequence[RenewClaims]) -> list[int]: ...
 
     async def sweep(self, conn: Any, requests: Sequence[Sweep]) -> list[list[Claimed]]: ...
+
+
+class Joined:
+    """The steps on a connection of the caller's, inside a transaction the caller began and
+    will end (``Store.joined``): a step's writes commit or roll back with the caller's own.
+
+    One request at a time, as given: no merging with other callers (their statements would
+    join this transaction), no retries (a transient fault fails the caller's transaction,
+    which the caller retries as a whole) and no commit. The parking proof above holds inside
+    the caller's transaction as long as it runs at READ COMMITTED (Postgres' default): the
+    completion's second claim needs a fresh snapshot. Its locks are held until the caller's
+    transaction ends, so keep it short.
+    """
+
+    __slots__ = ("_conn", "_steps")
+
+    def __init__(self, steps: Steps, conn: Any) -> None:
+        self._steps = steps
+        self._conn = conn
+
+    async def take(self, request: TakeLeases) -> Taken:
+        (result,) = await self._steps.take(self._conn, [request])
+        return result
+
+    async def marks(self, request: ReadMarks) -> dict[UUID, Marks]:
+        (result,) = await self._steps.marks(self._conn, [request])
+        return result
+
+    async def park(self, request: Park) -> frozenset[UUID]:
+        (result,) = await self._steps.park(self._conn, [request])
+        return result
+
+    async def complete(self, request: Complete) -> Completed:
+        (result,) = await self._steps.complete(self._conn, [request])
+        return result
+
+    async def release(self, request: Release) -> None:
+        await self._steps.release(self._conn, [request])
+
+    async def renew_claims(self, request: RenewClaims) -> int:
+        (result,) = await self._steps.renew_claims(self._conn, [request])
+        return result
+
+    async def sweep(self, request: Sweep) -> list[Claimed]:
+        (result,) = await self._steps.sweep(self._conn, [request])
+        return result

@@ -36,6 +36,7 @@ from ordering_sql.store._steps import (
     Claimed,
     Complete,
     Completed,
+    Joined,
     Marks,
     Park,
     ReadMarks,
@@ -203,6 +204,12 @@ class Store:
         """``_steps.Sweep``: the followers handed over."""
         result: list[Claimed] = await self._call("sweep", request, clock)
         return result
+
+    def joined(self, conn: AsyncConnection) -> Joined:
+        """The steps on ``conn``, a connection to this Store's database inside a transaction
+        its caller began: each step's writes commit or roll back with the caller's own work
+        (``_steps.Joined``). Driver errors are the caller's to handle, as its own are."""
+        return Joined(self.steps, self._units.joining(conn))
 
     async def _call(self, step: str, request: Any, clock: object) -> Any:
         """Run one request of ``step``, merged with concurrent ones (``store/_merge.py``) of
