@@ -58,6 +58,20 @@ class Units(Protocol):
     async def close(self) -> None: ...
 
 
+class UnitsFactory(Protocol):
+    """Builds a backend's ``Units`` for a Store on ``engine``."""
+
+    def __call__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        owns_engine: bool,
+        listeners: list[Callable[[str], None]],
+        turns: asyncio.Lock,
+    ) -> Units: ...
+
+
 class Failure(enum.Enum):
     """What a database error means for the caller."""
 
@@ -92,16 +106,8 @@ class Dialect(Protocol):
     def autocommit_options(self) -> dict[str, Any]:
         """Execution options for a connection whose statements each commit on their own."""
 
-    def units(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        *,
-        owns_engine: bool,
-        listeners: list[Callable[[str], None]],
-        turns: asyncio.Lock,
-    ) -> Units:
-        """Where the steps of a Store on ``engine`` run (``listeners`` see every statement)."""
+    #: Where the steps of a Store on an engine run (``listeners`` see every statement).
+    units: ClassVar[UnitsFactory]
 
     async def serialize(self, conn: AsyncConnection, scope: str, key: UUID) -> None:
         """Serialise, until the transaction ends, every writer that calls this with (scope, key)."""
@@ -143,18 +149,7 @@ class SqliteDialect:
     def steps(self) -> SqliteSteps:
         return _SQLITE_STEPS
 
-    def units(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        *,
-        owns_engine: bool,
-        listeners: list[Callable[[str], None]],
-        turns: asyncio.Lock,
-    ) -> Units:
-        return SqliteUnits(
-            engine, settings, owns_engine=owns_engine, listeners=listeners, turns=turns
-        )
+    units: ClassVar[UnitsFactory] = SqliteUnits
 
     def engine_url(self, url: URL, settings: Settings) -> URL:
         if not settings.read_only or self.one_connection(url) or _is_uri(url):
@@ -300,18 +295,7 @@ class PostgresDialect:
     def steps(self) -> PostgresSteps:
         return _POSTGRES_STEPS
 
-    def units(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        *,
-        owns_engine: bool,
-        listeners: list[Callable[[str], None]],
-        turns: asyncio.Lock,
-    ) -> Units:
-        return PostgresUnits(
-            engine, settings, owns_engine=owns_engine, listeners=listeners, turns=turns
-        )
+    units: ClassVar[UnitsFactory] = PostgresUnits
 
     def engine_url(self, url: URL, settings: Settings) -> URL:
         return url
