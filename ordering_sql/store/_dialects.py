@@ -100,8 +100,9 @@ class Dialect(Protocol):
     def engine_options(self, url: URL, settings: Settings) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine``."""
 
-    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
-        """Install connection hooks on a new engine (once per engine)."""
+    def configure(self, engine: AsyncEngine, settings: Settings, *, own: bool) -> None:
+        """Install connection hooks on a new engine (once per engine); ``own``: the engine is
+        ours, not a host application's (whose sessions keep their settings)."""
 
     def autocommit_options(self) -> dict[str, Any]:
         """Execution options for a connection whose statements each commit on their own."""
@@ -176,7 +177,7 @@ class SqliteDialect:
             options["max_overflow"] = settings.pool_size
         return options
 
-    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
+    def configure(self, engine: AsyncEngine, settings: Settings, *, own: bool) -> None:
         sync_engine = engine.sync_engine
         if sync_engine in _configured:
             return
@@ -309,12 +310,6 @@ class PostgresDialect:
             # its Execute in the same implicit transaction (one Sync), which a pooler keeps on
             # one server connection.
             connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0)
-        else:
-            # The steps bind their rows as arrays, whose lengths the planner would otherwise
-            # plan each execution for anew (custom plans: ~0.1 ms each); one generic plan per
-            # prepared statement serves every length (nested loops over the primary keys).
-            # A transaction pooler would not carry this session setting (nor the plans).
-            connect_args["server_settings"] = {"plan_cache_mode": "force_generic_plan"}
         return {
             "pool_size": settings.pool_size,
             "max_overflow": settings.pool_size,
@@ -324,8 +319,21 @@ class PostgresDialect:
             "connect_args": connect_args,
         }
 
-    def configure(self, engine: AsyncEngine, settings: Settings) -> None:
-        return None
+    def configure(self, engine: AsyncEngine, settings: Settings, *, own: bool) -> None:
+        if not own or settings.pooler == "transaction":
+            # A host's engine keeps its sessions as they are; a transaction pooler would not
+            # carry a session setting (nor the plans) from one transaction to the next.
+            return
+
+        def on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # The steps bind their rows as arrays, whose lengths the planner would otherwise
+            # plan each execution for anew (custom plans: ~0.1 ms each); one generic plan per
+            # prepared statement serves every length (nested loops over the primary keys).
+            # A SET after connecting, not a startup parameter: pgbouncer refuses startup
+            # parameters it does not know, in every pool mode.
+            dbapi_conn.run_async(lambda driver: driver.execute(_GENERIC_PLANS))
+
+        event.listen(engine.sync_engine, "connect", on_connect)
 
     def autocommit_options(self) -> dict[str, Any]:
         return {"isolation_level": "AUTOCOMMIT"}
@@ -373,6 +381,7 @@ class PostgresDialect:
 
 _SQLITE_STEPS: Final = SqliteSteps()
 _POSTGRES_STEPS: Final = PostgresSteps()
+_GENERIC_PLANS: Final = "SET plan_cache_mode = force_generic_plan"
 _ADVISORY_LOCK: Final = select(func.pg_advisory_xact_lock(bindparam("key")))
 
 

@@ -132,7 +132,7 @@ class Store:
         engine = create_async_engine(
             url, echo=settings.echo, **dialect.engine_options(url, settings)
         )
-        dialect.configure(engine, settings)
+        dialect.configure(engine, settings, own=True)
         store = cls(engine, settings=settings, owns_engine=True)
         store.url = mask_url(settings.url)  # as given, not the engine's form of it
         return store
@@ -146,7 +146,7 @@ class Store:
         """
         settings = settings or Settings.for_host_engine()
         store = cls(engine, settings=settings, owns_engine=False)
-        store.dialect.configure(engine, settings)
+        store.dialect.configure(engine, settings, own=False)
         return store
 
     async def dispose(self) -> None:

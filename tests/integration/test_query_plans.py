@@ -20,9 +20,12 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering_sql.store import postgres, sqlite
+from ordering_sql.settings import Settings
+from ordering_sql.store import Store, postgres, sqlite
 from tests.conftest import BACKENDS, _asyncpg_dsn
 
 NOW = datetime.now(UTC)
@@ -191,3 +194,33 @@ async def test_a_full_scan_would_be_caught(
         )
     assert FULL_SCAN.search(full), full
     assert SCOPE_ONLY.search(scoped), scoped
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("pooler", "own", "expected"),
+    [
+        ("none", True, "force_generic_plan"),
+        ("session", True, "force_generic_plan"),
+        ("transaction", True, "auto"),
+        ("none", False, "auto"),
+    ],
+)
+async def test_generic_plans_are_set_on_our_own_postgres_sessions_only(
+    postgres_url: str, pooler: str, own: bool, expected: str
+) -> None:
+    """The engine's own connections plan the steps' array statements generically, set after
+    connecting (a startup parameter would be refused by pgbouncer); a transaction pooler would
+    not keep the setting, and a host application's engine keeps its sessions as they are."""
+    if own:
+        store = Store.from_settings(Settings(database_url=postgres_url, pooler=pooler))
+    else:
+        store = Store.from_engine(create_async_engine(postgres_url))
+    try:
+        async with store.engine.connect() as conn:
+            found = (await conn.execute(text("SHOW plan_cache_mode"))).scalar_one()
+    finally:
+        await store.dispose()
+        if not own:
+            await store.engine.dispose()
+    assert found == expected
