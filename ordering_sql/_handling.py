@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql._planner import Planned, plan
 from ordering_sql._renewal import Renewal
@@ -32,7 +32,7 @@ from ordering_sql.errors import (
     LeaseLostError,
     MaxDepthExceeded,
 )
-from ordering_sql.models import EventLike, stored_form
+from ordering_sql.models import EventLike, check_event, stored_form
 from ordering_sql.settings import Durations, Settings, shortened
 from ordering_sql.store import Store, acquire_store
 from ordering_sql.store._steps import (
@@ -268,11 +268,9 @@ class Handling(Generic[E]):
         request = Park(self.scope, token, followers, now, now + hold, unless_leader_seen)
         return await db.park(request, self._clock)
 
-    async def _complete(self, event_ids: Sequence[UUID], token: UUID, *, claim: bool) -> Completed:
-        """Mark ``event_ids`` seen, end ``token``'s leases, claim their followers (``claim``)."""
-        db = await self._db()
+    def _completion(self, event_ids: Sequence[UUID], token: UUID, *, claim: bool) -> Complete:
         now = self._now()
-        request = Complete(
+        return Complete(
             self.scope,
             token,
             tuple(event_ids),
@@ -281,22 +279,79 @@ class Handling(Generic[E]):
             now + self.durations.claim_timeout,
             claim,
         )
-        completed = await db.complete(request, self._clock)
-        await db.purge_if_due(self._now())
+
+    async def _complete(self, event_ids: Sequence[UUID], token: UUID, *, claim: bool) -> Completed:
+        """Mark ``event_ids`` seen, end ``token``'s leases, claim their followers (``claim``)."""
+        db = await self._db()
+        completed = await db.complete(self._completion(event_ids, token, claim=claim), self._clock)
+        await self._purge_if_due()
         return completed
+
+    async def _purge_if_due(self) -> None:
+        db = await self._db()
+        await db.purge_if_due(self._now())
 
     async def _complete_one(self, event: EventLike, token: UUID, *, claim: bool) -> list[E]:
         """``_complete`` of one event; its claimed followers. ``LeaseLostError`` if another
         worker holds the event now or has finished it: then nothing was recorded."""
         completed = await self._complete([event.id], token, claim=claim)
         if event.id not in completed.done:
-            msg = (
-                f"The processing lease of event {event.id} in scope {self.scope!r} was taken "
-                f"over by another worker after it expired ({self.durations.lease}); this "
-                "worker's result was not recorded."
-            )
-            raise LeaseLostError(msg, scope=self.scope, event_id=event.id)
+            raise self._lease_lost(event.id)
         return self._load(completed.claimed)
+
+    def _lease_lost(self, event_id: UUID) -> LeaseLostError:
+        msg = (
+            f"The processing lease of event {event_id} in scope {self.scope!r} was taken "
+            f"over by another worker after it expired ({self.durations.lease}); this "
+            "worker's result was not recorded."
+        )
+        return LeaseLostError(msg, scope=self.scope, event_id=event_id)
+
+    # -- exactly once: the caller's effects and the completion in one transaction ----------------
+
+    @asynccontextmanager
+    async def _effects_transaction(self, hold: Hold) -> AsyncIterator[AsyncConnection]:
+        """The transaction an ``exactly_once`` block writes its effects in (``Store.transaction``).
+
+        On SQLite the transaction holds the file's one write lock from its BEGIN IMMEDIATE to
+        its end, so no other worker can take ``hold``'s leases over meanwhile, and a renewal
+        would only wait for that lock: it is stopped for the transaction's length (the
+        completion then finds the leases its own, expired or not; see ``_steps.Complete``).
+        On Postgres the leases are renewed while the block runs, as for any handler.
+        """
+        db = await self._db()
+        async with db.transaction() as conn:
+            if db.dialect.single_writer:
+                await hold.pause()
+            yield conn
+
+    async def _complete_joined(
+        self, conn: AsyncConnection, hold: Hold, event_ids: Sequence[UUID]
+    ) -> Completed:
+        """``_complete`` (claiming) inside the caller's transaction on ``conn``. The renewal is
+        stopped first: the completion ends the leases, and no renewal may follow that
+        (``_holding``). If the transaction then rolls back, ``_holding`` releases them."""
+        await hold.pause()
+        db = await self._db()
+        return await db.joined(conn).complete(self._completion(event_ids, hold.token, claim=True))
+
+    def _admit(self, event: EventLike, depth: int, *, action: str) -> str | None:
+        """The checks before a lease is taken: the event's ``stored_form`` if it follows
+        something (an event that cannot wait for its leader is refused whether or not it
+        would have to, so its message is never acknowledged half-handled), and its depth."""
+        check_event(event)
+        stored = stored_form(event) if follows_something(event) else None
+        max_depth = self.durations.max_depth_of_preceding_event
+        if depth > max_depth:
+            self._log(
+                logging.ERROR,
+                event,
+                "has exceeded the maximum recursion depth %s",
+                max_depth,
+                action=action,
+            )
+            raise self.max_depth_error(event)
+        return stored
 
     async def _release_after_failure(self, event_ids: list[UUID], token: UUID) -> None:
         """End the leases ``token`` still holds (a no-op for any taken over meanwhile).

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar, cast
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql._handling import Batch, EventHandler, Handling, Hold, follows_something
 from ordering_sql.errors import (
@@ -47,10 +47,7 @@ from ordering_sql.errors import (
 from ordering_sql.models import EventLike, HasId, ReceivedEvent, check_event, stored_form
 from ordering_sql.settings import Durations, Settings, mask_url, shortened, validate_scope
 from ordering_sql.store import Store, release_store
-from ordering_sql.store._steps import (
-    Release,
-    Sweep,
-)
+from ordering_sql.store._steps import Completed, Release, Sweep
 
 __all__ = ["Batch", "CausalOrdering", "EventHandler"]
 
@@ -338,27 +335,60 @@ class CausalOrdering(Handling[E]):
         over), or ``ConfigurationError`` (before anything is taken: the event cannot be ordered
         or stored).
         """
-        check_event(event)
-        # Checked before the lease is taken: an event that cannot wait for its leader is refused
-        # whether or not it would have to, so its message is never acknowledged half-handled.
-        stored = stored_form(event) if follows_something(event) else None
-        max_depth = self.durations.max_depth_of_preceding_event
-        if depth > max_depth:
-            self._log(
-                logging.ERROR,
-                event,
-                "has exceeded the maximum recursion depth %s",
-                max_depth,
-                action="preceding_event_confirmed",
-            )
-            raise self.max_depth_error(event)
-
+        stored = self._admit(event, depth, action="preceding_event_confirmed")
         token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
         async with self._holding(token, [event.id]) as hold:
             await self._wait_for_leader(event, hold, leader, stored)
             yield
         followers = await self._complete_one(event, token, claim=True)
         await self._replay(handler, token, [(event, followers)], depth)
+
+    @asynccontextmanager
+    async def exactly_once(
+        self, handler: EventHandler, event: EventLike, depth: int = 0
+    ) -> AsyncIterator[AsyncConnection]:
+        """``preceding_event_confirmed`` whose body writes its effects in the completion's
+        transaction: effects and completion commit together or not at all.
+
+        ::
+
+            async with ordering.exactly_once(handler, event, depth) as conn:
+                await conn.execute(orders.insert().values(...))
+
+        Yields an ``AsyncConnection`` to the ordering's database inside an open transaction
+        (write on it, or through an ``AsyncSession(bind=conn)``; do not commit it). When the
+        block ends, the event is marked seen, its lease ended and its followers claimed on
+        that connection, and the transaction commits; the released followers are then
+        replayed through ``handler(follower, depth + 1)``, which may use ``exactly_once``
+        too. The block runs at most once per event, as far as anything it writes there is
+        concerned.
+
+        Before the block: ``EventBeingProcessed`` if the event was already handled (its
+        effects are committed: acknowledge the message) or another worker holds it;
+        ``EventArrivedEarly``, ``MaxDepthExceeded`` and ``ConfigurationError`` as
+        ``preceding_event_confirmed``. If the block raises, the transaction rolls back, the
+        lease is released and the error propagates. ``LeaseLostError`` if another worker took
+        the event over meanwhile: the transaction rolls back, the effects with it. A database
+        error of the block or of its commit propagates as raised (SQLAlchemy's): whether the
+        commit happened is then unknown, and a redelivery finds out (``EventBeingProcessed``
+        if it did, or a handling once the lease expired if it did not).
+
+        The transaction lasts as long as the block. On SQLite it holds the one write lock of
+        the file: every other writer (other workers, other processes) waits for it, so keep
+        the block short. On Postgres it holds the locks of the rows it writes, and the
+        connection, until the block ends; it runs at READ COMMITTED.
+        """
+        stored = self._admit(event, depth, action="exactly_once")
+        token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
+        async with self._holding(token, [event.id]) as hold:
+            await self._wait_for_leader(event, hold, leader, stored)
+            async with self._effects_transaction(hold) as conn:
+                yield conn
+                completed = await self._complete_joined(conn, hold, [event.id])
+                if event.id not in completed.done:
+                    raise self._lease_lost(event.id)  # rolls the effects back
+        await self._purge_if_due()
+        await self._replay(handler, token, [(event, self._load(completed.claimed))], depth)
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -390,9 +420,67 @@ class CausalOrdering(Handling[E]):
         ``ConfigurationError`` (before anything is taken) if an event cannot be ordered or
         stored.
         """
+        batch, token = await self._decide(events)
+        ids = [cast("EventLike", event).id for event in batch.ready]
+        if not ids:
+            yield batch
+            return
+        async with self._holding(token, ids):
+            yield batch
+        completed = await self._complete(ids, token, claim=True)
+        await self._replay(handler, token, self._released(batch, completed), 0)
+        lost = [event_id for event_id in ids if event_id not in completed.done]
+        if lost:
+            raise self._batch_lost(lost, "their results were not recorded")
+
+    @asynccontextmanager
+    async def exactly_once_batch(
+        self, handler: EventHandler, events: Iterable[E]
+    ) -> AsyncIterator[tuple[Batch[E], AsyncConnection]]:
+        """The batch form of ``exactly_once``: the block's effects and the whole batch's
+        completion in one transaction.
+
+        ::
+
+            async with ordering.exactly_once_batch(handler, events) as (batch, conn):
+                for event in batch:  # batch.ready, leaders before their followers
+                    await conn.execute(orders.insert().values(...))
+            # acknowledge every message of the batch but batch.busy
+
+        The batch is decided as by ``preceding_events_confirmed`` (``batch.skipped``: already
+        handled, with their effects committed; ``batch.parked``; ``batch.busy``: held by
+        another worker, redeliver them). The connection is in an open transaction, as in
+        ``exactly_once`` (and with its costs); when the block ends, every ready event is
+        marked seen on it and the transaction commits, then the followers released are
+        replayed through ``handler(follower, 1)``. If the block raises, or if any lease of the
+        batch was taken over meanwhile (``LeaseLostError``), the whole transaction rolls back
+        and the leases still held are released: redeliver the batch, nothing of it was
+        recorded. A batch with nothing ready still gets a (short, empty) transaction.
+        """
+        batch, token = await self._decide(events)
+        ids = [cast("EventLike", event).id for event in batch.ready]
+        if not ids:
+            async with (await self._db()).transaction() as conn:
+                yield batch, conn
+            return
+        async with (
+            self._holding(token, ids) as hold,
+            self._effects_transaction(hold) as conn,
+        ):
+            yield batch, conn
+            completed = await self._complete_joined(conn, hold, ids)
+            lost = [event_id for event_id in ids if event_id not in completed.done]
+            if lost:  # the effects of the batch cannot be told apart: none commits
+                raise self._batch_lost(lost, "nothing of this batch was recorded")
+        await self._purge_if_due()
+        await self._replay(handler, token, self._released(batch, completed), 0)
+
+    async def _decide(self, events: Iterable[E]) -> tuple[Batch[E], UUID]:
+        """Check a batch's events (before anything is taken: an event that cannot be stored is
+        refused whether or not it waits), take their leases and decide them (``_decide_batch``)."""
         unique: dict[UUID, E] = {}
         skipped: list[E] = []
-        stored: dict[UUID, str] = {}  # as in preceding_event_confirmed: checked before leasing
+        stored: dict[UUID, str] = {}
         for event in events:
             event_id = check_event(event).id
             if event_id in unique:
@@ -405,28 +493,25 @@ class CausalOrdering(Handling[E]):
         token = uuid4()
         if unique:
             await self._decide_batch(batch, unique, stored, token)
-        ids = [cast("EventLike", event).id for event in batch.ready]
-        if not ids:
-            yield batch
-            return
-        async with self._holding(token, ids):
-            yield batch
-        completed = await self._complete(ids, token, claim=True)
+        return batch, token
+
+    def _released(self, batch: Batch[E], completed: Completed) -> list[tuple[EventLike, list[E]]]:
+        """The followers a batch's completion claimed, by leader; added to ``batch.replayed``."""
         groups = [
             (leader, self._load(c for c in completed.claimed if c.leader_id == leader.id))
             for leader in (cast("EventLike", event) for event in batch.ready)
         ]
         for _, followers in groups:
             batch.replayed += followers
-        await self._replay(handler, token, groups, 0)
-        lost = [event_id for event_id in ids if event_id not in completed.done]
-        if lost:
-            msg = (
-                f"The processing leases of {len(lost)} events of this batch in scope "
-                f"{self.scope!r} were taken over by another worker after they expired "
-                f"({self.durations.lease}); their results were not recorded."
-            )
-            raise LeaseLostError(msg, scope=self.scope, event_id=lost[0])
+        return groups
+
+    def _batch_lost(self, lost: list[UUID], outcome: str) -> LeaseLostError:
+        msg = (
+            f"The processing leases of {len(lost)} events of this batch in scope "
+            f"{self.scope!r} were taken over by another worker after they expired "
+            f"({self.durations.lease}); {outcome}."
+        )
+        return LeaseLostError(msg, scope=self.scope, event_id=lost[0])
 
     # -- conveniences --------------------------------------------------------------------------
 

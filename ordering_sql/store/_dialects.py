@@ -55,6 +55,10 @@ class Units(Protocol):
     def joining(self, conn: AsyncConnection) -> Any:
         """What the steps take, on a caller's connection inside the caller's transaction."""
 
+    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of the engine's in a write transaction that ``joining`` steps may run
+        in, committed when the block ends and rolled back if it raises."""
+
     async def close(self) -> None: ...
 
 

@@ -241,6 +241,16 @@ class PostgresUnits:
             autocommit = await sa_conn.execution_options(isolation_level="AUTOCOMMIT")
             yield SqlAlchemyConnection(autocommit)
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction at READ COMMITTED whatever the engine's default: a joined completion
+        claims its followers a second time, which must see parks committed meanwhile
+        (``_steps.Joined``). Row locks taken in it are held until it ends."""
+        async with self._engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="READ COMMITTED")
+            async with conn.begin():
+                yield conn
+
     def joining(self, conn: AsyncConnection) -> SqlAlchemyConnection:
         """The steps' connection on ``conn``, inside the transaction its caller began: the
         statements run there and commit or roll back with the caller's own work."""

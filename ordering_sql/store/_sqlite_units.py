@@ -13,7 +13,7 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection as SyncConnection
@@ -244,6 +244,7 @@ class SqliteUnits:
     ) -> None:
         database = str(engine.url.database or "")
         alone = database in ("", ":memory:")
+        self._engine, self._turns, self._alone = engine, turns, alone
         self._threads: ThreadConnections | None = None
         self._conn: Connection
         if owns_engine and not alone:
@@ -277,6 +278,19 @@ class SqliteUnits:
     async def connection(self) -> AsyncIterator[Connection]:
         """What a step runs on: each ``unit`` it runs gets a connection of its own."""
         yield self._conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (BEGIN IMMEDIATE, by the engine's hook): it holds SQLite's one
+        write lock from its start to its end, so every other writer of the file waits for it
+        (up to the busy timeout). A memory database has one connection, shared by every unit:
+        the transaction then takes this process's turn, so no unit runs on it meanwhile."""
+        async with (
+            self._turns if self._alone else nullcontext(),
+            self._engine.connect() as conn,
+            conn.begin(),
+        ):
+            yield conn
 
     def joining(self, conn: AsyncConnection) -> Connection:
         """The steps' connection on ``conn``, inside the transaction its caller began: the

@@ -205,6 +205,12 @@ class Store:
         result: list[Claimed] = await self._call("sweep", request, clock)
         return result
 
+    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection to this Store's database in a write transaction, for a caller's own
+        work and ``joined`` steps together: committed when the block ends, rolled back if it
+        raises (see the backend's ``Units.transaction`` for what holding it costs)."""
+        return self._units.transaction()
+
     def joined(self, conn: AsyncConnection) -> Joined:
         """The steps on ``conn``, a connection to this Store's database inside a transaction
         its caller began: each step's writes commit or roll back with the caller's own work
