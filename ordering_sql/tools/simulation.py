@@ -12,6 +12,9 @@ Used by ``ordering-sql demo`` and by the fault tests. The pieces:
   ``preceding_events_confirmed``.
 * ``check`` reads the logs back: events never handled, handled twice, and order violations (a
   follower whose handling began before its leader's first handling had ended).
+* With ``Effects``, the handler goes through ``exactly_once`` and writes one row per handling
+  into a table without a unique constraint; ``check_effects`` then counts the rows per event
+  (exactly one each) and whether each follower's row was written after its leader's committed.
 
 A worker can also run as its own process (``python -m ordering_sql.tools.simulation SPEC``), so a
 crash can be a real ``SIGKILL`` that leaves leases, claims and parked followers behind.
@@ -26,25 +29,30 @@ import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Boolean, Column, MetaData, String, Table, exists, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql.engine import CausalOrdering
-from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed
+from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed, LeaseLostError
 from ordering_sql.models import ReceivedEvent
 
 __all__ = [
     "Check",
+    "Effects",
+    "EffectsCheck",
     "Stream",
     "Tally",
     "WorkerSpec",
     "build_stream",
     "check",
+    "check_effects",
     "read_log",
     "run_batch_worker",
     "run_worker",
@@ -150,6 +158,126 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# -- effects, written exactly once ----------------------------------------------------------------
+
+#: One row per handling that committed, in the ordering's own database. No unique constraint
+#: and no primary key: a second handling of an event would show as a second row.
+EFFECTS: Final = Table(
+    "ordering_sql_demo_effects",
+    MetaData(),
+    Column("event_id", String(36), nullable=False),
+    Column("leader_id", String(36)),
+    #: Whether the leader's row was visible to this row's transaction: committed before it.
+    Column("after_leader", Boolean, nullable=False),
+    Column("worker", String(40), nullable=False),
+)
+
+
+class InjectedFailure(Exception):
+    """A handler failure the simulation makes on purpose (``Effects.fail_rate``)."""
+
+
+@dataclass
+class Effects:
+    """Handle through ``exactly_once``, one ``EFFECTS`` row each; fail ``fail_rate`` of the
+    handlings after their row was written (it must roll back with them)."""
+
+    fail_rate: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    async def write(self, conn: AsyncConnection, event: ReceivedEvent, worker: str) -> None:
+        leader = None if event.follows is None else str(event.follows)
+        visible = exists().where(EFFECTS.c.event_id == leader)
+        await conn.execute(
+            insert(EFFECTS).values(
+                event_id=str(event.id),
+                leader_id=leader,
+                after_leader=visible if leader is not None else False,
+                worker=worker,
+            )
+        )
+        if self.fail_rate and self.rng.random() < self.fail_rate:
+            msg = f"injected failure handling {event.id}"
+            raise InjectedFailure(msg)
+
+
+async def create_effects(url: str) -> None:
+    """(Re)create the ``EFFECTS`` table, empty, in the database at ``url``."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
+            await conn.run_sync(lambda sync: EFFECTS.create(sync))
+    finally:
+        await engine.dispose()
+
+
+async def drop_effects(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
+    finally:
+        await engine.dispose()
+
+
+class EffectsCheck(BaseModel):
+    """The verdict on the effect rows of a run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    events: int
+    rows: int
+    missing: int
+    twice: int
+    before_leader: int
+    examples: list[str] = []
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.missing == 0
+            and self.twice == 0
+            and self.before_leader == 0
+            and (self.rows == self.events)
+        )
+
+
+async def check_effects(url: str, stream: Stream) -> EffectsCheck:
+    """Every event of ``stream`` has exactly one ``EFFECTS`` row, and each follower's row saw
+    its leader's row committed."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            found = (await conn.execute(select(EFFECTS.c.event_id, EFFECTS.c.after_leader))).all()
+    finally:
+        await engine.dispose()
+    per_event: dict[str, int] = defaultdict(int)
+    early: set[str] = set()
+    for event_id, after_leader in found:
+        per_event[event_id] += 1
+        if not after_leader:
+            early.add(event_id)
+    followers = {str(f) for f in stream.leaders}
+    ids = [str(e.id) for e in stream.events]
+    missing = [i for i in ids if per_event.get(i, 0) == 0]
+    twice = [i for i in ids if per_event.get(i, 0) > 1]
+    before = sorted(early & followers)
+    examples = (
+        [f"no effect row for {i}" for i in missing[:3]]
+        + [f"{per_event[i]} effect rows for {i}" for i in twice[:3]]
+        + [f"{i}'s effect was written before its leader's committed" for i in before[:3]]
+    )
+    return EffectsCheck(
+        events=len(ids),
+        rows=len(found),
+        missing=len(missing),
+        twice=len(twice),
+        before_leader=len(before),
+        examples=examples,
+    )
+
+
 # -- the consumer ---------------------------------------------------------------------------------
 
 
@@ -221,20 +349,33 @@ def _handler(
     *,
     work_seconds: float = 0.0,
     on_handled: Callable[[], None] | None = None,
+    effects: Effects | None = None,
 ) -> Callable[[ReceivedEvent, int], Awaitable[None]]:
-    """The workers' handler: one event through ``preceding_event_confirmed``, logged and counted;
-    it is also the handler its released followers are replayed through."""
+    """The workers' handler: one event through ``preceding_event_confirmed`` (or, with
+    ``effects``, through ``exactly_once``, writing its effect row), logged and counted; it is
+    also the handler its released followers are replayed through."""
+
+    async def work(event: ReceivedEvent, depth: int) -> None:
+        log.write("start", event.id)
+        if work_seconds:
+            await asyncio.sleep(work_seconds)
+        log.write("end", event.id)
+
+    def counted(depth: int) -> None:
+        tally.handled += 1
+        tally.replayed += depth > 0
+        if on_handled is not None:
+            on_handled()
 
     async def handler(event: ReceivedEvent, depth: int = 0) -> None:
-        async with ordering.preceding_event_confirmed(handler, event, depth):
-            log.write("start", event.id)
-            if work_seconds:
-                await asyncio.sleep(work_seconds)
-            log.write("end", event.id)
-            tally.handled += 1
-            tally.replayed += depth > 0
-            if on_handled is not None:
-                on_handled()
+        if effects is None:
+            async with ordering.preceding_event_confirmed(handler, event, depth):
+                await work(event, depth)
+        else:
+            async with ordering.exactly_once(handler, event, depth) as conn:
+                await work(event, depth)
+                await effects.write(conn, event, log.worker)
+        counted(depth)
 
     return handler
 
@@ -248,14 +389,19 @@ async def run_worker(
     retry_delay: float = 0.05,
     on_handled: Callable[[], None] | None = None,
     latencies: list[float] | None = None,
+    effects: Effects | None = None,
 ) -> Tally:
     """Consume ``queue`` until it is empty, the way a service consumes its message queue.
 
     ``latencies``, if given, receives the seconds spent on each delivery (taking it off the
-    queue to acknowledging it, replays of released followers included).
+    queue to acknowledging it, replays of released followers included). ``effects``: handle
+    through ``exactly_once`` (see ``Effects``); a handling that failed, or whose lease was
+    taken over, is redelivered, as a broker redelivers a message not acknowledged.
     """
     tally = Tally()
-    handler = _handler(ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled)
+    handler = _handler(
+        ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled, effects=effects
+    )
 
     while (event := await queue.get()) is not None:
         began = time.perf_counter()
@@ -267,8 +413,9 @@ async def run_worker(
                 await handler(event, 0)
             except EventArrivedEarly:
                 tally.parked += 1
-            except EventBeingProcessed:
-                # Held by another worker (or a dead one, until its lease expires): redeliver.
+            except (EventBeingProcessed, InjectedFailure, LeaseLostError):
+                # Held by another worker (or a dead one, until its lease expires), or failed:
+                # redeliver. (A replayed follower that failed comes back by the sweep.)
                 tally.retried += 1
                 queue.put_later(event, retry_delay)
                 continue
@@ -398,6 +545,11 @@ class WorkerSpec(BaseModel):
     work_seconds: float = 0.0
     lease_timeout: float = 2.0
     claim_timeout: float = 3.0
+    #: Handle through ``exactly_once``, writing ``EFFECTS`` rows (``Effects``).
+    exactly_once: bool = False
+    #: With ``exactly_once``: the share of handlings that fail after writing their row.
+    fail_rate: float = 0.0
+    seed: int | None = None
 
 
 def write_deliveries(path: Path, deliveries: Iterable[ReceivedEvent]) -> None:
@@ -422,8 +574,11 @@ async def _worker_process(spec: WorkerSpec) -> Tally:
     with spec.log.open("a") as sink:
         log = HandledLog(sink, spec.worker)
         queue = DeliveryQueue(read_deliveries(spec.deliveries))
+        effects = Effects(spec.fail_rate, random.Random(spec.seed)) if spec.exactly_once else None
         try:
-            return await run_worker(ordering, queue, log, work_seconds=spec.work_seconds)
+            return await run_worker(
+                ordering, queue, log, work_seconds=spec.work_seconds, effects=effects
+            )
         finally:
             await ordering.close()
 
