@@ -313,16 +313,32 @@ class Handling(Generic[E]):
     async def _effects_transaction(self, hold: Hold) -> AsyncIterator[AsyncConnection]:
         """The transaction an ``exactly_once`` block writes its effects in (``Store.transaction``).
 
-        On SQLite the transaction holds the file's one write lock from its BEGIN IMMEDIATE to
-        its end, so no other worker can take ``hold``'s leases over meanwhile, and a renewal
-        would only wait for that lock: it is stopped for the transaction's length (the
-        completion then finds the leases its own, expired or not; see ``_steps.Complete``).
         On Postgres the leases are renewed while the block runs, as for any handler.
+
+        On SQLite the transaction holds the file's one write lock from its BEGIN IMMEDIATE to
+        its end. A renewal on another connection would wait for that lock, and stopping the
+        renewal waits for a renewal in flight: stopped after BEGIN, the two would wait for
+        each other until the busy timeout. So the renewal is stopped before BEGIN, and the
+        leases are taken again inside the transaction, as its first step: if another worker
+        took one over while BEGIN waited for the lock, ``LeaseLostError`` before the block
+        runs; else nobody can take them over until the commit (nobody else can write), and
+        the completion finds them its own, expired or not (``_steps.Complete``).
         """
         db = await self._db()
+        if not db.dialect.single_writer:
+            async with db.transaction() as conn:
+                yield conn
+            return
+        await hold.pause()
         async with db.transaction() as conn:
-            if db.dialect.single_writer:
-                await hold.pause()
+            now = self._now()
+            request = TakeLeases(
+                self.scope, hold.token, tuple(hold.event_ids), now, now + self.durations.lease
+            )
+            taken = await db.joined(conn).take(request)
+            lost = [event_id for event_id in hold.event_ids if event_id not in taken.taken]
+            if lost:  # the release that follows ends only those still ours
+                raise self._lease_lost(lost[0])
             yield conn
 
     async def _complete_joined(
