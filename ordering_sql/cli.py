@@ -181,10 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--events", type=_positive_int, default=600, help="events (600)")
     demo_p.add_argument("--workers", type=_positive_int, default=4, help="workers, >= 2 (4)")
     demo_p.add_argument("--seed", type=int, default=7, help="random seed of the stream (7)")
+    demo_p.add_argument(
+        "--exactly-once",
+        action="store_true",
+        help="handle through exactly_once, writing one effect row per handling in the same "
+        "database; the verdict also requires exactly one effect row per event after the crash",
+    )
     demo_p.set_defaults(func=_demo)
 
     bench_p = commands.add_parser(
-        "bench", help="measure workloads W1-W5 against the floors of the same database"
+        "bench", help="measure workloads W1-W5, E0-E1 against the floors of the same database"
     )
     bench_p.add_argument(
         "--database-url",
@@ -197,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--repeat", type=_positive_int, default=3, help="runs per workload (3)")
     bench_p.add_argument("--seed", type=int, default=1, help="random seed (1)")
     bench_p.add_argument(
-        "--workloads", default="W1,W2,W3,W4,W5", help="comma-separated subset (W1,W2,W3,W4,W5)"
+        "--workloads",
+        default="W1,W2,W3,W4,W5,E0,E1",
+        help=(
+            "comma-separated subset (W1,W2,W3,W4,W5,E0,E1; E0: W1 writing one effect row per "
+            "event in its own transaction, E1: the same through exactly_once)"
+        ),
     )
     bench_p.add_argument(
         "--sqlite-synchronous",
@@ -402,6 +413,7 @@ async def _demo(args: argparse.Namespace) -> int:
             workers=args.workers,
             seed=args.seed,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            exactly_once=args.exactly_once,
         )
     _print_demo(report)
     return 0 if report.ok else EXIT_FAILURE
@@ -422,12 +434,23 @@ def _print_demo(report: DemoReport) -> None:
         f"  handled twice          {c.handled_twice} (allowed: the handler the crash interrupted)",
         f"  order violations       {c.order_violations}",
         f"  events lost            {c.lost}",
+        *_effect_lines(report),
         f"  throughput             {report.throughput:,.0f} events/s ({report.seconds:.1f} s)",
         f"  verdict                {verdict}",
     ]
     print("\n".join(lines))
-    for example in c.examples:
+    for example in c.examples + (report.effects.examples if report.effects else []):
         print(f"  ! {example}")
+
+
+def _effect_lines(report: DemoReport) -> list[str]:
+    e = report.effects
+    if e is None:
+        return []
+    return [
+        f"  effect rows            {e.rows} for {e.events} events: "
+        f"{e.missing} missing, {e.twice} twice, {e.before_leader} before their leader"
+    ]
 
 
 async def _bench(args: argparse.Namespace) -> int:

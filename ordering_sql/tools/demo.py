@@ -13,6 +13,11 @@ The run, step by step:
    claimed by the dead worker come back once their claim expires.
 5. The handler logs of every worker (including the dead one) are checked: every event handled,
    causal order kept, and nothing handled twice except what the crash interrupted.
+
+With ``exactly_once``, every worker handles through ``CausalOrdering.exactly_once``, writing one
+row per handling into an effects table of the same database (no unique constraint), and the
+verdict also requires exactly one effect row per event after the crash, each follower's written
+after its leader's committed (``simulation.check_effects``).
 """
 
 from __future__ import annotations
@@ -37,11 +42,16 @@ from ordering_sql.settings import mask_url
 from ordering_sql.tools.simulation import (
     Check,
     DeliveryQueue,
+    Effects,
+    EffectsCheck,
     HandledLog,
     Tally,
     WorkerSpec,
     build_stream,
     check,
+    check_effects,
+    create_effects,
+    drop_effects,
     read_log,
     run_worker,
     sweep_lost,
@@ -70,6 +80,8 @@ class DemoReport(BaseModel):
     crash_in_flight: list[str]
     check: Check
     seconds: float
+    #: With ``exactly_once``: the verdict on the effect rows.
+    effects: EffectsCheck | None = None
 
     @property
     def unexpected_twice(self) -> list[str]:
@@ -77,7 +89,8 @@ class DemoReport(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return self.check.ok and not self.unexpected_twice
+        effects_ok = self.effects is None or self.effects.ok
+        return self.check.ok and not self.unexpected_twice and effects_ok
 
     @property
     def throughput(self) -> float:
@@ -92,13 +105,19 @@ async def run_demo(
     seed: int = 7,
     on_progress: Callable[[int, int], None] | None = None,
     deadline_seconds: float = 120.0,
+    exactly_once: bool = False,
 ) -> DemoReport:
-    """Run the simulation; ``on_progress(handled, total)`` is called as events are handled."""
+    """Run the simulation; ``on_progress(handled, total)`` is called as events are handled.
+    ``exactly_once``: handle through ``exactly_once`` and check the effect rows (the table is
+    dropped afterwards)."""
     workers = max(2, workers)
     with tempfile.TemporaryDirectory(prefix="ordering-sql-demo-") as tmp:
         folder = Path(tmp)
         url = database_url or f"sqlite+aiosqlite:///{folder / 'demo.db'}"
         await migrate(url)
+        effects = Effects() if exactly_once else None
+        if exactly_once:
+            await create_effects(url)
         scope = f"demo-{seed}-{time.time_ns()}"
         stream = build_stream(events, seed=seed)
         partitions = [stream.deliveries[i::workers] for i in range(workers)]
@@ -112,7 +131,9 @@ async def run_demo(
 
         started = time.perf_counter()
         doomed_log = folder / "crashed-worker.log"
-        doomed = await _start_doomed_worker(folder, url, scope, partitions[0], doomed_log)
+        doomed = await _start_doomed_worker(
+            folder, url, scope, partitions[0], doomed_log, exactly_once=exactly_once
+        )
 
         ordering: CausalOrdering[Any] = CausalOrdering(
             scope, database_url=url, lease_timeout=LEASE_SECONDS, claim_timeout=CLAIM_SECONDS
@@ -121,7 +142,9 @@ async def run_demo(
             logs = [HandledLog(None, f"worker-{i}") for i in range(1, workers)]
             queues = [DeliveryQueue(p) for p in partitions[1:]]
             tasks = [
-                asyncio.create_task(run_worker(ordering, q, log, on_handled=progressed))
+                asyncio.create_task(
+                    run_worker(ordering, q, log, on_handled=progressed, effects=effects)
+                )
                 for q, log in zip(queues, logs, strict=True)
             ]
             crashed_handled = await _crash_part_way(doomed, doomed_log, len(partitions[0]))
@@ -133,22 +156,38 @@ async def run_demo(
             restart_queue = DeliveryQueue(_unacked(partitions[0], crashed_records))
             tasks.append(
                 asyncio.create_task(
-                    run_worker(ordering, restart_queue, restart_log, on_handled=progressed)
+                    run_worker(
+                        ordering,
+                        restart_queue,
+                        restart_log,
+                        on_handled=progressed,
+                        effects=effects,
+                    )
                 )
             )
             logs.append(restart_log)
             tally = await _finish(
-                ordering, stream.events, tasks, logs, crashed_records, progressed, deadline_seconds
+                ordering,
+                stream.events,
+                tasks,
+                logs,
+                crashed_records,
+                progressed,
+                deadline_seconds,
+                effects,
             )
             seconds = time.perf_counter() - started
             all_records = crashed_records + [r for log in logs for r in log.records]
             verdict = check(stream, all_records)
+            effects_verdict = await check_effects(url, stream) if exactly_once else None
             await ordering.clear()
         finally:
             await ordering.close()
             if doomed.returncode is None:
                 doomed.kill()
                 await doomed.wait()
+            if exactly_once and database_url:
+                await drop_effects(url)
 
     return DemoReport(
         database=mask_url(url) if database_url else "SQLite in a temporary directory",
@@ -160,11 +199,18 @@ async def run_demo(
         crash_in_flight=_in_flight(crashed_records),
         check=verdict,
         seconds=seconds,
+        effects=effects_verdict,
     )
 
 
 async def _start_doomed_worker(
-    folder: Path, url: str, scope: str, partition: list[ReceivedEvent], log: Path
+    folder: Path,
+    url: str,
+    scope: str,
+    partition: list[ReceivedEvent],
+    log: Path,
+    *,
+    exactly_once: bool,
 ) -> asyncio.subprocess.Process:
     # Small local files, written once before the workers start: blocking I/O is fine here.
     deliveries = folder / "crashed-worker.jsonl"
@@ -178,6 +224,7 @@ async def _start_doomed_worker(
         work_seconds=0.005,
         lease_timeout=LEASE_SECONDS,
         claim_timeout=CLAIM_SECONDS,
+        exactly_once=exactly_once,
     )
     spec_path = folder / "crashed-worker.json"
     spec_path.write_text(spec.model_dump_json())
@@ -243,6 +290,7 @@ async def _finish(
     crashed_records: list[dict[str, Any]],
     progressed: Callable[[], None],
     deadline_seconds: float,
+    effects: Effects | None,
 ) -> Tally:
     """Wait for the workers, sweeping lost followers, until every event was handled."""
     tally = Tally()
@@ -265,7 +313,9 @@ async def _finish(
         if len(sweep_queue):
             tasks.append(
                 asyncio.create_task(
-                    run_worker(ordering, sweep_queue, sweep_log, on_handled=progressed)
+                    run_worker(
+                        ordering, sweep_queue, sweep_log, on_handled=progressed, effects=effects
+                    )
                 )
             )
         await asyncio.sleep(SWEEP_EVERY)

@@ -22,8 +22,11 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from sqlalchemy import insert, inspect
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from ordering_sql import ReceivedEvent
+from ordering_sql.tools.simulation import EFFECTS, build_stream, check_effects, create_effects
 from tests.acceptance.test_cli import Result, _environment
 from tests.conftest import OrderingFactory
 from tests.support import Clock, chain, make_event
@@ -565,6 +568,96 @@ async def test_demo_passes_on_postgres(ocli: OperatorCli, postgres_url: str) -> 
         within_s=DEMO_TIMEOUT_S,
     )
     assert_demo_passed(result)
+
+
+def assert_effects_once(result: Result) -> None:
+    out = result.stdout
+    pattern = r"^\s+effect rows\s+200 for 200 events: 0 missing, 0 twice, 0 before their leader$"
+    assert re.search(pattern, out, re.MULTILINE), out
+
+
+@pytest.mark.slow
+async def test_demo_exactly_once_writes_one_effect_row_per_event_on_sqlite(
+    ocli: OperatorCli,
+) -> None:
+    result = await ocli(
+        "demo",
+        "--exactly-once",
+        "--events",
+        "200",
+        "--workers",
+        "3",
+        "--seed",
+        "2",
+        within_s=DEMO_TIMEOUT_S,
+    )
+    assert_demo_passed(result)
+    assert_effects_once(result)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_demo_exactly_once_on_postgres_leaves_no_effects_table(
+    ocli: OperatorCli, postgres_url: str
+) -> None:
+    result = await ocli(
+        "demo",
+        "--exactly-once",
+        "--database-url",
+        postgres_url,
+        "--events",
+        "200",
+        "--workers",
+        "3",
+        within_s=DEMO_TIMEOUT_S,
+    )
+    assert_demo_passed(result)
+    assert_effects_once(result)
+    engine = create_async_engine(postgres_url)
+    try:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    assert EFFECTS.name not in tables
+
+
+async def test_the_effects_verdict_fails_on_a_missing_a_double_or_an_early_row(
+    tmp_path: Path,
+) -> None:
+    """What ``demo --exactly-once`` judges by: each kind of wrong effect rows is caught."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'effects.db'}"
+    stream = build_stream(3, seed=0, duplicate_rate=0.0, max_family=3)
+    first, second, third = stream.events
+    await create_effects(url)
+    engine = create_async_engine(url)
+
+    def row(event: ReceivedEvent, *, after_leader: bool) -> dict[str, Any]:
+        leader = None if event.follows is None else str(event.follows)
+        return {
+            "event_id": str(event.id),
+            "leader_id": leader,
+            "after_leader": after_leader,
+            "worker": "w",
+        }
+
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(EFFECTS),
+                [
+                    row(first, after_leader=False),
+                    row(first, after_leader=False),
+                    row(second, after_leader=False),
+                ],
+            )
+    finally:
+        await engine.dispose()
+    found = await check_effects(url, stream)
+    assert (found.missing, found.twice, found.before_leader) == (1, 1, 1), found
+    assert not found.ok
+    assert any(str(third.id) in example for example in found.examples)
+    assert any(str(second.id) in example for example in found.examples)
 
 
 # -- errors and help -------------------------------------------------------------------------------
