@@ -43,3 +43,22 @@ def test_usage_example_runs_and_orders(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["handling order.placed", "handling order.paid"]
     assert (tmp_path / "ordering.db").exists(), "the example uses the embedded default"
+
+
+def test_exactly_once_example_writes_each_order_row_once(tmp_path: Path) -> None:
+    """The "Exactly-once effects" example: an early follower and a duplicate of each event,
+    and one ``orders`` row per event, the leader's first."""
+    (example,) = [block for block in _blocks("python") if "exactly_once(" in block]
+    script = tmp_path / "exactly_once.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['order.placed', 'order.paid']"]
+    assert (tmp_path / "shop.db").exists()
