@@ -501,18 +501,29 @@ def _given(conn: Any) -> Callable[[], AbstractAsyncContextManager[Any]]:
 
 def _observe_sqlalchemy(engine: AsyncEngine, listeners: list[Callable[[str], None]]) -> None:
     """Tell ``listeners`` of the statements sent through SQLAlchemy on ``engine``, and of the
-    COMMIT of each of its transactions (``Store.observe``)."""
+    BEGIN and COMMIT of each of its transactions (``Store.observe``)."""
 
     def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         for listener in listeners:
             listener(statement)
 
+    def transactional(conn: Any) -> bool:
+        return bool(conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT")
+
+    def on_begin(conn: Any) -> None:
+        # Postgres drivers send their BEGIN themselves, unseen by ``before_cursor_execute``;
+        # SQLite's is a statement of the dialect's own hook (``BEGIN IMMEDIATE``), seen there.
+        if transactional(conn) and conn.dialect.name != "sqlite":
+            for listener in listeners:
+                listener("BEGIN")
+
     def on_commit(conn: Any) -> None:
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        if transactional(conn):
             for listener in listeners:
                 listener("COMMIT")
 
     event.listen(engine.sync_engine, "before_cursor_execute", before)
+    event.listen(engine.sync_engine, "begin", on_begin)
     event.listen(engine.sync_engine, "commit", on_commit)
 
 

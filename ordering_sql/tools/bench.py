@@ -1,4 +1,4 @@
-"""``ordering-sql bench``: workloads W1-W5 next to the floors of the same database, in one run.
+"""``ordering-sql bench``: workloads W1-W5 and E0-E1 next to the floors of the same database.
 
 Workloads (``--events`` events, 5,000 by default, in chains of 5):
 
@@ -7,16 +7,21 @@ Workloads (``--events`` events, 5,000 by default, in chains of 5):
 * W3: W2 consumed by 8 concurrent workers from one queue;
 * W4: W2 through the batch API (``preceding_events_confirmed``), in batches of 100, one worker;
 * W5: 4 worker processes sharing one stream (round-robin partitions, as a broker would hand
-  them out), with 20% duplicate deliveries.
+  them out), with 20% duplicate deliveries;
+* E0: W1 whose handler writes one effect row (into ``bench_effects``, on the ordering database)
+  in a transaction of its own inside ``preceding_event_confirmed``;
+* E1: E0 through ``exactly_once``: the effect row is written on the connection it yields and
+  commits with the event's completion.
 
 Each workload runs ``--repeat`` times (3) in fresh
 scopes and reports the median events/s, p50/p99 seconds per delivery, statements (round trips on
 Postgres) per event, and a correctness check: every event handled exactly once, in causal
-order, nothing left parked. The floors are measured on the same database in the same run: a
-single-row INSERT + COMMIT into an ordinary (durable) table and a ``SELECT 1``, each through
-the raw driver and through SQLAlchemy; each workload is also shown as a ratio to the
-two-statement floor (SQLAlchemy's INSERT + COMMIT rate halved), the least an in-order event
-costs when both of its statements commit through SQLAlchemy.
+order, nothing left parked (E0 and E1: and exactly one effect row per event). The floors are
+measured on the same database in the same run: a single-row INSERT + COMMIT into an ordinary
+(durable) table and a ``SELECT 1``, each through the raw driver and through SQLAlchemy; each
+workload is also shown as a ratio to the two-statement floor (SQLAlchemy's INSERT + COMMIT rate
+halved), the least an in-order event costs when both of its statements commit through
+SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from uuid import UUID
 import aiosqlite
 import asyncpg
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import event as sa_event
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ordering_sql.admin import status
 from ordering_sql.engine import CausalOrdering
+from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
 from ordering_sql.settings import (
@@ -70,7 +77,13 @@ from ordering_sql.tools.simulation import (
 __all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
 
 CHAIN = 5
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "E0", "E1")
+#: The workloads delivered in order (the others shuffle each chain).
+IN_ORDER = ("W1", "E0", "E1")
+#: The workloads whose handler writes an effect row: E1 through ``exactly_once`` (joined).
+EFFECTS = {"E0": False, "E1": True}
+#: E0 and E1's effects table, on the ordering database; created and dropped by the workload.
+EFFECTS_TABLE = "bench_effects"
 #: W4's batch size.
 BATCH = 100
 #: Connections of the parallel floor: as many as W3's workers.
@@ -148,8 +161,18 @@ def chains(events: int, *, shuffled: bool, seed: int, duplicates: float = 0.0) -
 
 
 async def _in_process(
-    url: str, stream: Stream, workers: int, *, batch: int | None = None
+    url: str,
+    stream: Stream,
+    workers: int,
+    *,
+    batch: int | None = None,
+    effects: _Effects | None = None,
+    joined: bool = False,
 ) -> tuple[float, list[float], int, list[dict[str, Any]], str]:
+    """Run ``workers`` consumers of ``stream`` in this process: the usual single-event worker,
+    the batch worker (``batch``), or with ``effects`` the effect-writing one (``_effects_worker``).
+    Returns the seconds, the latencies, the statements sent, the handler records and the scope.
+    """
     scope = f"bench-{time.time_ns()}"
     ordering: CausalOrdering[Any] = CausalOrdering(scope, database_url=url)
     try:
@@ -164,7 +187,17 @@ async def _in_process(
 
         async with ordering.observe_statements(sent):
             began = time.perf_counter()
-            if batch is None:
+            if effects is not None:
+                with effects.observe(sent):
+                    await asyncio.gather(
+                        *(
+                            _effects_worker(
+                                ordering, queue, log, effects, joined=joined, latencies=latencies
+                            )
+                            for log in logs
+                        )
+                    )
+            elif batch is None:
                 await asyncio.gather(
                     *(run_worker(ordering, queue, log, latencies=latencies) for log in logs)
                 )
@@ -182,6 +215,146 @@ async def _in_process(
         return seconds, latencies, count[0], records, scope
     finally:
         await ordering.close()
+
+
+class _Effects:
+    """E0 and E1's effects table, ``bench_effects``, on the ordering database.
+
+    Through an engine of the bench's own, as an application would make it: E0 writes each
+    effect on it in a transaction of its own; E1 writes on the connection ``exactly_once``
+    yields, and uses this engine only to set the table up and to count its rows. The
+    statements sent on this engine (BEGIN, INSERT, COMMIT) are counted with the engine's own
+    (``observe``), so that E0's statements per event include its effect's.
+    """
+
+    insert = text(f"INSERT INTO {EFFECTS_TABLE} (event_id, note) VALUES (:event_id, :note)")
+
+    def __init__(self, url: str) -> None:
+        parsed = normalize_url(url)
+        settings = Settings.from_env(url)
+        options: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            # As patient with the write lock as the engine's connections (and, below, as durable).
+            options["connect_args"] = {"timeout": settings.busy_timeout_s}
+        elif settings.pooler == "transaction":  # unnamed statements, as the engine's
+            options["connect_args"] = {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+            }
+        self.engine: AsyncEngine = create_async_engine(parsed, **options)
+        self._listeners: list[Callable[[str], None]] = []
+        sync_engine = self.engine.sync_engine
+        if parsed.get_backend_name() == "sqlite":
+            synchronous = f"PRAGMA synchronous={settings.sqlite_synchronous}"
+
+            def on_connect(dbapi_conn: Any, _record: Any) -> None:
+                cursor = dbapi_conn.cursor()
+                cursor.execute(synchronous)
+                cursor.close()
+
+            sa_event.listen(sync_engine, "connect", on_connect)
+        sa_event.listen(sync_engine, "begin", lambda _conn: self._sent("BEGIN"))
+        sa_event.listen(
+            sync_engine, "before_cursor_execute", lambda _c, _cu, sql, *_: self._sent(sql)
+        )
+        sa_event.listen(sync_engine, "commit", lambda _conn: self._sent("COMMIT"))
+
+    def _sent(self, statement: str) -> None:
+        for listener in self._listeners:
+            listener(statement)
+
+    @contextlib.contextmanager
+    def observe(self, listener: Callable[[str], None]) -> Iterator[None]:
+        """Call ``listener`` with every statement sent on this engine while the block runs."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+    async def write(self, conn: AsyncConnection, event: ReceivedEvent) -> None:
+        """One effect row for ``event``, on ``conn`` (in its caller's transaction)."""
+        await conn.execute(self.insert, {"event_id": str(event.id), "note": event.event})
+
+    async def create(self) -> None:
+        """Create the table if missing, and empty it (rows a killed run may have left)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} "
+                    "(event_id VARCHAR(36) NOT NULL, note VARCHAR(40))"
+                )
+            )
+            await conn.execute(text(f"DELETE FROM {EFFECTS_TABLE}"))
+
+    async def problems(self, stream: Stream) -> str | None:
+        """What is wrong with the rows written for ``stream`` (None: one per event, no other);
+        the table is emptied afterwards, for the next run."""
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                text(f"SELECT event_id, COUNT(*) FROM {EFFECTS_TABLE} GROUP BY event_id")
+            )
+            written: dict[str, int] = {event_id: count for event_id, count in rows}
+            await conn.execute(text(f"DELETE FROM {EFFECTS_TABLE}"))
+        ids = {str(e.id) for e in stream.events}
+        missing = len(ids - written.keys())
+        twice = sum(1 for event_id, count in written.items() if event_id in ids and count > 1)
+        unknown = sum(count for event_id, count in written.items() if event_id not in ids)
+        if not (missing or twice or unknown):
+            return None
+        return (
+            f"effect rows missing {missing}, written more than once {twice}, "
+            f"of no event of the run {unknown}"
+        )
+
+    async def drop(self) -> None:
+        """Drop the table and close the engine."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(text(f"DROP TABLE IF EXISTS {EFFECTS_TABLE}"))
+        finally:
+            await self.engine.dispose()
+
+
+async def _effects_worker(
+    ordering: CausalOrdering[Any],
+    queue: DeliveryQueue,
+    log: HandledLog,
+    effects: _Effects,
+    *,
+    joined: bool,
+    latencies: list[float],
+    retry_delay: float = 0.05,
+) -> None:
+    """``run_worker`` (the same consumer: skip seen events, redeliver busy ones) whose handler
+    writes one effect row per event: in a transaction of its own inside
+    ``preceding_event_confirmed`` (E0), or on ``exactly_once``'s connection (``joined``, E1)."""
+
+    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        if joined:
+            async with ordering.exactly_once(handler, event, depth) as conn:
+                log.write("start", event.id)
+                await effects.write(conn, event)
+                log.write("end", event.id)
+        else:
+            async with ordering.preceding_event_confirmed(handler, event, depth):
+                log.write("start", event.id)
+                async with effects.engine.begin() as conn:
+                    await effects.write(conn, event)
+                log.write("end", event.id)
+
+    while (event := await queue.get()) is not None:
+        began = time.perf_counter()
+        if not await ordering.event_has_been_seen(event):
+            try:
+                await handler(event, 0)
+            except EventArrivedEarly:
+                pass  # parked: acknowledged, its leader replays it
+            except EventBeingProcessed:
+                queue.put_later(event, retry_delay)
+                continue
+        log.write("ack", event.id)
+        latencies.append(time.perf_counter() - began)
 
 
 async def _processes(
@@ -363,32 +536,46 @@ async def run_workload(
     latencies: list[float] = []
     statements: list[int] = []
     problems: list[str] = []
-    for r in range(repeat):
-        stream = chains(
-            events,
-            shuffled=name != "W1",
-            seed=seed + r,
-            duplicates=0.2 if name == "W5" else 0.0,
-        )
-        if name == "W5":
-            seconds, lat, count, records, scope = await _processes(url, stream, 4, folder)
-        else:
-            workers = 8 if name == "W3" else 1
-            batch = BATCH if name == "W4" else None
-            seconds, lat, count, records, scope = await _in_process(
-                url, stream, workers, batch=batch
+    effects = _Effects(url) if name in EFFECTS else None
+    try:
+        for r in range(repeat):
+            stream = chains(
+                events,
+                shuffled=name not in IN_ORDER,
+                seed=seed + r,
+                duplicates=0.2 if name == "W5" else 0.0,
             )
-        runs.append(len(stream.events) / seconds)
-        latencies += lat
-        if count is not None:
-            statements.append(count)
-        verdict = check(stream, records)
-        left = await _leftovers_then_clear(url, scope)
-        if not verdict.ok or verdict.handled_twice or left:
-            problems.append(
-                f"run {r + 1}: lost {verdict.lost}, twice {verdict.handled_twice}, "
-                f"order violations {verdict.order_violations}, left parked or leased {left}"
-            )
+            if effects is not None:
+                await effects.create()
+            if name == "W5":
+                seconds, lat, count, records, scope = await _processes(url, stream, 4, folder)
+            else:
+                workers = 8 if name == "W3" else 1
+                batch = BATCH if name == "W4" else None
+                seconds, lat, count, records, scope = await _in_process(
+                    url,
+                    stream,
+                    workers,
+                    batch=batch,
+                    effects=effects,
+                    joined=EFFECTS.get(name, False),
+                )
+            runs.append(len(stream.events) / seconds)
+            latencies += lat
+            if count is not None:
+                statements.append(count)
+            verdict = check(stream, records)
+            left = await _leftovers_then_clear(url, scope)
+            if not verdict.ok or verdict.handled_twice or left:
+                problems.append(
+                    f"run {r + 1}: lost {verdict.lost}, twice {verdict.handled_twice}, "
+                    f"order violations {verdict.order_violations}, left parked or leased {left}"
+                )
+            if effects is not None and (wrong := await effects.problems(stream)):
+                problems.append(f"run {r + 1}: {wrong}")
+    finally:
+        if effects is not None:
+            await effects.drop()
     rate = statistics.median(runs)
     backend = backend or normalize_url(url).get_backend_name()
     return WorkloadResult(
@@ -513,9 +700,9 @@ def plot(report: BenchReport, path: Path) -> None:
 def figure(report: BenchReport) -> Any:
     """Bar chart of events/s per workload and backend, with each backend's floors drawn.
 
-    The axis is logarithmic, so the batch workload (W4) and the single-event ones (W1-W3)
-    stay readable side by side; each backend's two-statement floor (an in-order event's least
-    cost) is a dashed line, its raw INSERT + COMMIT floor a dotted one, in the bars' colour.
+    The axis is logarithmic, so the batch workload (W4) and the single-event ones (W1-W3, E0
+    and E1) stay readable side by side; each backend's two-statement floor (an in-order event's
+    least cost) is a dashed line, its raw INSERT + COMMIT floor a dotted one, in the bars' colour.
     Returns a matplotlib ``Figure``; needs matplotlib (the bench extra).
     """
     import matplotlib

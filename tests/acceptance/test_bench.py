@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
-from ordering_sql.tools.bench import BenchReport, Floors, WorkloadResult, figure
+from ordering_sql.migration import migrate
+from ordering_sql.tools.bench import (
+    EFFECTS_TABLE,
+    BenchReport,
+    Floors,
+    WorkloadResult,
+    _Effects,
+    chains,
+    figure,
+    run_workload,
+)
+
+#: Floors for runs that skip measuring them (a second each): only the ratios depend on them.
+SOME_FLOORS = Floors(
+    raw_insert_commit=1000.0,
+    raw_insert_commit_parallel=1000.0,
+    raw_select_1=1000.0,
+    sqlalchemy_insert_commit=1000.0,
+    sqlalchemy_select_1=1000.0,
+)
 
 
 def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -51,6 +72,45 @@ def test_bench_rejects_an_unknown_workload(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Unknown workloads" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_e0_and_e1_write_one_effect_row_per_event_on_sqlite(tmp_path: Path) -> None:
+    """E0 (``preceding_event_confirmed`` + an effect transaction of its own) and E1
+    (``exactly_once``) pass the workloads' check and the effects check, and leave no table."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bench.db'}"
+    await migrate(url)
+    for name in ("E0", "E1"):
+        row = await run_workload(
+            name, url, events=40, repeat=2, seed=1, floors=SOME_FLOORS, folder=tmp_path
+        )
+        assert row.correct, row.problems
+        assert row.events_per_s > 0
+        assert row.p99_s is not None
+        assert row.statements_per_event is not None
+    with sqlite3.connect(tmp_path / "bench.db") as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert EFFECTS_TABLE not in tables
+
+
+async def test_the_effects_check_finds_missing_duplicated_and_stray_rows(tmp_path: Path) -> None:
+    """The check E0 and E1 add bites: one event without its row, one with two, one stray row."""
+    stream = chains(10, shuffled=False, seed=1)
+    stray = stream.events[0].model_copy(update={"id": uuid4()})
+    effects = _Effects(f"sqlite+aiosqlite:///{tmp_path / 'effects.db'}")
+    try:
+        await effects.create()
+        async with effects.engine.begin() as conn:
+            for event in [*stream.events[1:], stream.events[1], stray]:
+                await effects.write(conn, event)
+        wrong = await effects.problems(stream)
+        assert wrong is not None
+        assert "missing 1," in wrong
+        assert "more than once 1," in wrong
+        assert "of no event of the run 1" in wrong
+        # The table was emptied for the next run: now every row is missing.
+        assert f"missing {len(stream.events)}," in (await effects.problems(stream) or "")
+    finally:
+        await effects.drop()
 
 
 @pytest.mark.postgres

@@ -395,3 +395,22 @@ async def test_a_commit_that_fails_leaves_the_event_unhandled(
     assert await rows(effects) == []
     assert not await ordering.event_has_been_seen(event)
     assert not await ordering.event_has_started_processing(event)
+
+
+async def test_observed_statements_include_the_blocks_begin_and_commit(
+    ordering: CausalOrdering[Any], effects: AsyncEngine
+) -> None:
+    """``observe_statements`` sees the block's transaction whole, on every path."""
+    event = make_event()
+    seen: list[str] = []
+    async with (
+        ordering.observe_statements(seen.append),
+        ordering.exactly_once(recursive(ordering), event) as conn,
+    ):
+        await write(conn, event)
+    texts = [sql.strip().split()[0].upper() for sql in seen]
+    effect = next(i for i, sql in enumerate(seen) if "INTO effects" in sql)
+    control = [t for t in texts[:effect] if t in ("BEGIN", "COMMIT")]
+    assert control, seen
+    assert control[-1] == "BEGIN", seen  # the block's transaction is open
+    assert "COMMIT" in texts[effect:], seen
