@@ -28,20 +28,25 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert ci[-1] == test_command
 
 
-def test_usage_example_runs_and_orders(tmp_path: Path) -> None:
-    example = _blocks("python")[0]
-    script = tmp_path / "example.py"
+def _run(example: str, folder: Path) -> list[str]:
+    """Run a README example as a script in ``folder``; the lines it printed."""
+    script = folder / "example.py"
     script.write_text(example)
     result = subprocess.run(
         [sys.executable, str(script)],
-        cwd=tmp_path,
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["handling order.placed", "handling order.paid"]
+    return result.stdout.splitlines()
+
+
+def test_usage_example_runs_and_orders(tmp_path: Path) -> None:
+    printed = _run(_blocks("python")[0], tmp_path)
+    assert printed == ["handling order.placed", "handling order.paid"]
     assert (tmp_path / "ordering.db").exists(), "the example uses the embedded default"
 
 
@@ -49,16 +54,5 @@ def test_exactly_once_example_writes_each_order_row_once(tmp_path: Path) -> None
     """The "Exactly-once effects" example: an early follower and a duplicate of each event,
     and one ``orders`` row per event, the leader's first."""
     (example,) = [block for block in _blocks("python") if "exactly_once(" in block]
-    script = tmp_path / "exactly_once.py"
-    script.write_text(example)
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["['order.placed', 'order.paid']"]
+    assert _run(example, tmp_path) == ["['order.placed', 'order.paid']"]
     assert (tmp_path / "shop.db").exists()
