@@ -529,10 +529,10 @@ async def test_purge_dry_run_counts_and_purge_deletes_expired_rows_only(
 # -- demo -----------------------------------------------------------------------------------------
 
 
-def assert_demo_passed(result: Result) -> None:
+def assert_demo_passed(result: Result, events: int = 200) -> None:
     assert result.code == 0, result
     out = result.stdout
-    assert re.search(r"^\s+events\s+200 \(", out, re.MULTILINE), out
+    assert re.search(rf"^\s+events\s+{events} \(", out, re.MULTILINE), out
     assert re.search(r"^\s+order violations\s+0$", out, re.MULTILINE), out
     assert re.search(r"^\s+events lost\s+0$", out, re.MULTILINE), out
     assert re.search(r"^\s+handled twice\s+\d+", out, re.MULTILINE), out
@@ -572,7 +572,7 @@ async def test_demo_passes_on_postgres(ocli: OperatorCli, postgres_url: str) -> 
 
 def assert_effects_once(result: Result) -> None:
     out = result.stdout
-    pattern = r"^\s+effect rows\s+200 for 200 events: 0 missing, 0 twice, 0 before their leader$"
+    pattern = r"^\s+effect rows\s+120 for 120 events: 0 missing, 0 twice, 0 before their leader$"
     assert re.search(pattern, out, re.MULTILINE), out
 
 
@@ -584,14 +584,14 @@ async def test_demo_exactly_once_writes_one_effect_row_per_event_on_sqlite(
         "demo",
         "--exactly-once",
         "--events",
-        "200",
+        "120",
         "--workers",
         "3",
         "--seed",
         "2",
         within_s=DEMO_TIMEOUT_S,
     )
-    assert_demo_passed(result)
+    assert_demo_passed(result, events=120)
     assert_effects_once(result)
 
 
@@ -606,12 +606,12 @@ async def test_demo_exactly_once_on_postgres_leaves_no_effects_table(
         "--database-url",
         postgres_url,
         "--events",
-        "200",
+        "120",
         "--workers",
         "3",
         within_s=DEMO_TIMEOUT_S,
     )
-    assert_demo_passed(result)
+    assert_demo_passed(result, events=120)
     assert_effects_once(result)
     engine = create_async_engine(postgres_url)
     try:

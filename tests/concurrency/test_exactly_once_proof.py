@@ -65,7 +65,7 @@ from tests.conftest import BACKENDS
 __all__ = ["children"]  # the fixture, used here
 
 Fault = Literal["kill", "raise", "stop"]
-EVENTS = 120
+EVENTS = 100
 LEASE_S = 1.0
 CLAIM_S = 2.0
 FAIL_RATE = 0.2

@@ -26,7 +26,7 @@ from ordering_sql.errors import (
     MaxDepthExceeded,
 )
 from ordering_sql.models import ReceivedEvent
-from tests.conftest import OrderingFactory
+from tests.conftest import BACKENDS, OrderingFactory
 from tests.support import Clock, make_event
 
 INSERT = text("INSERT INTO effects (event_id, note) VALUES (:id, :note)")
@@ -34,6 +34,13 @@ INSERT = text("INSERT INTO effects (event_id, note) VALUES (:id, :note)")
 
 class Boom(Exception):
     pass
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The block's transaction and its completion go through SQLAlchemy on both Postgres paths:
+    one Postgres run is enough (the engine's own tests cover the steps around them)."""
+    return str(request.param)
 
 
 @pytest.fixture
