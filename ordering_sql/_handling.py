@@ -22,6 +22,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ordering_sql import telemetry
 from ordering_sql._planner import Planned, plan
 from ordering_sql._renewal import Renewal
 from ordering_sql.errors import (
@@ -208,7 +209,9 @@ class Handling(Generic[E]):
         taken = await self._take(list(events), token, leaders - events.keys())
         for event_id, event in events.items():
             if event_id not in taken.taken:
-                (batch.skipped if taken.of(event_id).seen else batch.busy).append(event)
+                was_seen = taken.of(event_id).seen
+                (batch.skipped if was_seen else batch.busy).append(event)
+                telemetry.count("duplicates" if was_seen else "busy", self.scope)
         seen = {leader for leader in leaders if taken.of(leader).seen}
         decided = plan(planned, taken=set(taken.taken), seen=seen)
         batch.ready += [events[i] for i in decided.ready]
@@ -221,6 +224,7 @@ class Handling(Generic[E]):
         for event_id in decided.park:
             event = events[event_id]
             if event_id in parked:
+                telemetry.count("parked", self.scope)
                 self._log(
                     logging.INFO,
                     cast("EventLike", event),
@@ -233,6 +237,7 @@ class Handling(Generic[E]):
                 batch.ready.append(event)  # its leader completed meanwhile: it goes ahead
             else:
                 batch.busy.append(event)  # our lease ended and another worker has it now
+                telemetry.count("busy", self.scope)
 
     # -- the steps, as this instance asks for them ---------------------------------------------
 
@@ -297,9 +302,11 @@ class Handling(Generic[E]):
         completed = await self._complete([event.id], token, claim=claim)
         if event.id not in completed.done:
             raise self._lease_lost(event.id)
+        telemetry.count("handled", self.scope)
         return self._load(completed.claimed)
 
     def _lease_lost(self, event_id: UUID) -> LeaseLostError:
+        telemetry.leases_lost(self.scope)
         msg = (
             f"The processing lease of event {event_id} in scope {self.scope!r} was taken "
             f"over by another worker after it expired ({self.durations.lease}); this "
@@ -410,6 +417,7 @@ class Handling(Generic[E]):
             self._log(
                 logging.INFO, event, "is already being processed", action="event_is_processing"
             )
+            telemetry.count("duplicates" if taken.of(event.id).seen else "busy", self.scope)
             raise self.being_processed_error(event)
         return token, (None if leader is None else taken.of(leader))
 
@@ -440,6 +448,7 @@ class Handling(Generic[E]):
         # Still held: wait behind the holder, stored as a follower of itself (its completion
         # forgets it; the sweep hands it back once nobody holds the event).
         await self._park([(event, stored or stored_form(event))], None, leader=event.id)
+        telemetry.count("parked", self.scope)
         self._log(
             logging.INFO,
             event,
@@ -516,6 +525,7 @@ class Handling(Generic[E]):
             return
         if hold is not None:
             hold.ended = True
+        telemetry.count("parked", self.scope)
         self._log(
             logging.INFO,
             event,
@@ -581,6 +591,9 @@ class Handling(Generic[E]):
         async with self._renewal(renew, self.durations.claim_timeout, what):
             for leader, followers in groups:
                 for follower in followers:
+                    telemetry.count("replayed", self.scope)
+                    received = cast("EventLike", follower).received
+                    telemetry.waited(self.scope, (self._now() - received).total_seconds())
                     try:
                         await handler(follower, depth + 1)
                     except MaxDepthExceeded:

@@ -36,6 +36,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ordering_sql import telemetry
 from ordering_sql._handling import Batch, EventHandler, Handling, Hold, follows_something
 from ordering_sql.errors import (
     ConfigurationError,
@@ -279,7 +280,9 @@ class CausalOrdering(Handling[E]):
             seen_cutoff=now + self.durations.seen - self.durations.claim_timeout,
             claimed_until=now + self.durations.claim_timeout,
         )
-        return self._load(await db.sweep(sweep, self._clock))
+        lost = self._load(await db.sweep(sweep, self._clock))
+        telemetry.lost_followers(self.scope, len(lost))
+        return lost
 
     # -- clearing ------------------------------------------------------------------------------
 
@@ -335,13 +338,14 @@ class CausalOrdering(Handling[E]):
         over), or ``ConfigurationError`` (before anything is taken: the event cannot be ordered
         or stored).
         """
-        stored = self._admit(event, depth, action="preceding_event_confirmed")
-        token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
-        async with self._holding(token, [event.id]) as hold:
-            await self._wait_for_leader(event, hold, leader, stored)
-            yield
-        followers = await self._complete_one(event, token, claim=True)
-        await self._replay(handler, token, [(event, followers)], depth)
+        with telemetry.handling(self.scope, event.id, event.follows, "preceding_event_confirmed"):
+            stored = self._admit(event, depth, action="preceding_event_confirmed")
+            token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
+            async with self._holding(token, [event.id]) as hold:
+                await self._wait_for_leader(event, hold, leader, stored)
+                yield
+            followers = await self._complete_one(event, token, claim=True)
+            await self._replay(handler, token, [(event, followers)], depth)
 
     @asynccontextmanager
     async def exactly_once(
@@ -378,17 +382,19 @@ class CausalOrdering(Handling[E]):
         the block short. On Postgres it holds the locks of the rows it writes, and the
         connection, until the block ends; it runs at READ COMMITTED.
         """
-        stored = self._admit(event, depth, action="exactly_once")
-        token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
-        async with self._holding(token, [event.id]) as hold:
-            await self._wait_for_leader(event, hold, leader, stored)
-            async with self._effects_transaction(hold) as conn:
-                yield conn
-                completed = await self._complete_joined(conn, hold, [event.id])
-                if event.id not in completed.done:
-                    raise self._lease_lost(event.id)  # rolls the effects back
-        await self._purge_if_due()
-        await self._replay(handler, token, [(event, self._load(completed.claimed))], depth)
+        with telemetry.handling(self.scope, event.id, event.follows, "exactly_once"):
+            stored = self._admit(event, depth, action="exactly_once")
+            token, leader = await self._take_or_raise(event, stored, wait=self.wait_for_holder)
+            async with self._holding(token, [event.id]) as hold:
+                await self._wait_for_leader(event, hold, leader, stored)
+                async with self._effects_transaction(hold) as conn:
+                    yield conn
+                    completed = await self._complete_joined(conn, hold, [event.id])
+                    if event.id not in completed.done:
+                        raise self._lease_lost(event.id)  # rolls the effects back
+            telemetry.count("handled", self.scope)
+            await self._purge_if_due()
+            await self._replay(handler, token, [(event, self._load(completed.claimed))], depth)
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -428,6 +434,7 @@ class CausalOrdering(Handling[E]):
         async with self._holding(token, ids):
             yield batch
         completed = await self._complete(ids, token, claim=True)
+        telemetry.count("handled", self.scope, len(completed.done))
         await self._replay(handler, token, self._released(batch, completed), 0)
         lost = [event_id for event_id in ids if event_id not in completed.done]
         if lost:
@@ -472,6 +479,7 @@ class CausalOrdering(Handling[E]):
             lost = [event_id for event_id in ids if event_id not in completed.done]
             if lost:  # the effects of the batch cannot be told apart: none commits
                 raise self._batch_lost(lost, "nothing of this batch was recorded")
+        telemetry.count("handled", self.scope, len(ids))
         await self._purge_if_due()
         await self._replay(handler, token, self._released(batch, completed), 0)
 
@@ -506,6 +514,7 @@ class CausalOrdering(Handling[E]):
         return groups
 
     def _batch_lost(self, lost: list[UUID], outcome: str) -> LeaseLostError:
+        telemetry.leases_lost(self.scope, len(lost))
         msg = (
             f"The processing leases of {len(lost)} events of this batch in scope "
             f"{self.scope!r} were taken over by another worker after they expired "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ordering_sql import telemetry
 from ordering_sql.errors import (
     DatabaseUnavailableError,
     OrderingError,
@@ -221,7 +223,11 @@ class Store:
         """Run one request of ``step``, merged with concurrent ones (``store/_merge.py``) of
         the same clock, retried as a whole."""
         key = (self.steps.merge_key(step), None if clock is None else id(clock))
-        return await self._merging.call(key, (step, request))
+        began = time.perf_counter()
+        try:
+            return await self._merging.call(key, (step, request))
+        finally:
+            telemetry.step_took(step, request.scope, time.perf_counter() - began)
 
     async def _run_merged(self, key: Any, items: list[tuple[str, Any]]) -> list[Any]:
         action = _ACTIONS[items[0][0]]
