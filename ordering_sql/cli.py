@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import timedelta
-from typing import TYPE_CHECKING, BinaryIO, Final
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from ordering_sql import migration
 from ordering_sql.admin import ScopeStatus, peek_lost, purge, status
@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     _database_option(status_p, prefect=True)
     status_p.add_argument("--scope", default=None, help="only this scope (default: all)")
     status_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status_p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="refresh the table every SECONDS (2) until Ctrl-C: in place on a terminal, one "
+        "table after another when piped",
+    )
     status_p.set_defaults(func=_status)
 
     order_p = commands.add_parser(
@@ -242,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"must be a number of seconds, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not value > 0:
+        msg = f"must be more than 0, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -290,13 +311,44 @@ def _database_url(args: argparse.Namespace) -> str | None:
 async def _status(args: argparse.Namespace) -> int:
     if args.scope is not None:
         validate_scope(args.scope)
+    if args.watch is not None and args.json:
+        msg = "--watch refreshes the table; for JSON, run status --json as often as needed."
+        raise ConfigurationError(msg)
     async with _store(_database_url(args), read_only=True) as store:
+        if args.watch is not None:
+            return await _watch_status(store, args.scope, args.watch)
         scopes = await status(store, now=await store.now(), scope=args.scope)
     if args.json:
         print(json.dumps([s.model_dump(mode="json") for s in scopes], indent=2))
     else:
-        _print_status_table(scopes, store.url)
+        _console().print(_status_table(scopes, store.url))
     return 0
+
+
+async def _watch_status(store: Store, scope: str | None, every: float) -> int:
+    """The status table every ``every`` seconds until interrupted (exit code 0)."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    console = _console()
+
+    async def table() -> Any:
+        scopes = await status(store, now=await store.now(), scope=scope)
+        stamp = Text(f"{datetime.now().astimezone():%H:%M:%S}, every {every:g} s (Ctrl-C ends)")
+        return Group(_status_table(scopes, store.url), stamp)
+
+    try:
+        if console.is_terminal:
+            with Live(await table(), console=console, auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(every)
+                    live.update(await table(), refresh=True)
+        while True:  # piped: one table after another, for a log
+            console.print(await table())
+            await asyncio.sleep(every)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0
 
 
 async def _order(args: argparse.Namespace) -> int:
@@ -528,9 +580,17 @@ def _age(age: timedelta | None) -> str:
     return f"{seconds // 3600}h"
 
 
-def _print_status_table(scopes: Sequence[ScopeStatus], url: str) -> None:
-    from rich import box
+def _console() -> Any:
     from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped: do not squeeze the table into 80 columns
+    return console
+
+
+def _status_table(scopes: Sequence[ScopeStatus], url: str) -> Any:
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
@@ -557,13 +617,7 @@ def _print_status_table(scopes: Sequence[ScopeStatus], url: str) -> None:
         "waiting (claimed: being replayed by their leader); lost: parked past the lookback; "
         "oldest: age of the oldest parked follower"
     )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # piped: do not squeeze the table into 80 columns
-    if scopes:
-        console.print(table)
-    else:
-        console.print(Text(f"No ordering state in {url}."))
+    return table if scopes else Text(f"No ordering state in {url}.")
 
 
 def _configure_logging(debug: bool) -> None:

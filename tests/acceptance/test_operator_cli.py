@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import re
+import signal
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -568,6 +569,53 @@ async def test_demo_passes_on_postgres(ocli: OperatorCli, postgres_url: str) -> 
         within_s=DEMO_TIMEOUT_S,
     )
     assert_demo_passed(result)
+
+
+async def test_status_watch_refreshes_the_table_until_interrupted(
+    ocli: OperatorCli, make_ordering: OrderingFactory, database_url: str
+) -> None:
+    """A backlog appears while ``status --watch`` runs: a later table shows it; Ctrl-C (SIGINT)
+    ends the watch with exit code 0. Piped, each refresh is printed after the last."""
+    ordering = make_ordering("watched")
+    await ordering.check()
+    proc = await asyncio.create_subprocess_exec(
+        *ENTRY,
+        "status",
+        "--watch",
+        "0.2",
+        "--database-url",
+        database_url,
+        cwd=ocli.cwd,
+        env=ocli.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT_S)
+        assert b"No ordering state" in first, first
+        for _ in range(3):  # three followers wait for a leader that has not come
+            await ordering.record_follower(make_event(follows=make_event()))
+        seen = b""
+        while not re.search(rb"watched\s+0\s+0\s+0\s+0\s+3\s", seen):
+            seen += await asyncio.wait_for(proc.stdout.readline(), TIMEOUT_S)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+
+
+async def test_status_watch_refuses_json(ocli: OperatorCli) -> None:
+    result = await ocli("status", "--watch", "--json")
+    assert result.code != 0
+    assert "--watch refreshes the table" in result.stderr
+    result = await ocli("status", "--watch", "0")
+    assert result.code != 0
+    assert "must be more than 0" in result.stderr
 
 
 def assert_effects_once(result: Result) -> None:
