@@ -28,7 +28,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from ordering_sql.tools.simulation import (
     read_log,
     run_worker,
     sweep_lost,
+    unacknowledged,
     write_deliveries,
 )
 
@@ -153,7 +153,7 @@ async def run_demo(
             crashed_records = read_log(doomed_log)
             handled += sum(1 for r in crashed_records if r["k"] == "end")
             restart_log = HandledLog(None, "restarted")
-            restart_queue = DeliveryQueue(_unacked(partitions[0], crashed_records))
+            restart_queue = DeliveryQueue(unacknowledged(partitions[0], crashed_records))
             tasks.append(
                 asyncio.create_task(
                     run_worker(
@@ -259,19 +259,6 @@ async def _crash_part_way(process: asyncio.subprocess.Process, log: Path, delive
         msg = f"the demo's crashing worker failed before it was killed: {err.strip()[-500:]}"
         raise RuntimeError(msg)
     return sum(1 for r in read_log(log) if r["k"] == "end")
-
-
-def _unacked(partition: list[ReceivedEvent], records: list[dict[str, Any]]) -> list[ReceivedEvent]:
-    """The messages a broker would redeliver: those the dead worker never acknowledged."""
-    acked = Counter(r["id"] for r in records if r["k"] == "ack")
-    remaining = []
-    for event in partition:
-        key = str(event.id)
-        if acked[key] > 0:
-            acked[key] -= 1
-        else:
-            remaining.append(event)
-    return remaining
 
 
 def _in_flight(records: list[dict[str, Any]]) -> list[str]:

@@ -56,6 +56,7 @@ __all__ = [
     "read_log",
     "run_batch_worker",
     "run_worker",
+    "unacknowledged",
 ]
 
 RESOURCE: Final = "prefect.resource.id"
@@ -470,6 +471,25 @@ async def sweep_lost(ordering: CausalOrdering[Any], queue: DeliveryQueue, tally:
     for event in await ordering.get_lost_followers():
         tally.lost_swept += 1
         queue.put(event)
+
+
+def unacknowledged(
+    deliveries: Iterable[ReceivedEvent], records: Iterable[dict[str, Any]]
+) -> list[ReceivedEvent]:
+    """What a broker redelivers after a worker died: its ``deliveries`` that its log
+    ``records`` do not acknowledge (each "ack" record stands for one delivery)."""
+    acked: dict[str, int] = defaultdict(int)
+    for record in records:
+        if record["k"] == "ack":
+            acked[record["id"]] += 1
+    remaining = []
+    for event in deliveries:
+        key = str(event.id)
+        if acked[key] > 0:
+            acked[key] -= 1
+        else:
+            remaining.append(event)
+    return remaining
 
 
 # -- checking -----------------------------------------------------------------------------------

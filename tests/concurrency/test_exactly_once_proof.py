@@ -49,12 +49,12 @@ from ordering_sql.tools.simulation import (
     create_effects,
     run_worker,
     sweep_lost,
+    unacknowledged,
     write_deliveries,
 )
 from tests.concurrency.test_processes import (
     Child,
     Children,
-    _unacked,
     assert_nothing_left,
     children,
     jumbled,
@@ -162,7 +162,7 @@ async def test_three_processes_with_every_event_three_times_write_each_effect_on
         caught = await _when_mid_handler(workers[0], specs[0].log, target)
         workers[0].kill()
         assert await workers[0].wait(10) == -signal.SIGKILL
-        redelivered = _unacked(copies[0], records_of([specs[0].log]))
+        redelivered = unacknowledged(copies[0], records_of([specs[0].log]))
         restarted = spec("copy-0-restarted", redelivered, 3)
         workers.append(await children.spawn(restarted.worker, SIMULATION, restarted))
     elif fault == "stop":

@@ -52,6 +52,7 @@ from ordering_sql.tools.simulation import (
     read_log,
     run_worker,
     sweep_lost,
+    unacknowledged,
     write_deliveries,
 )
 from tests.concurrency._proc_worker import WorkerProcessSpec
@@ -448,21 +449,6 @@ KILL_CLAIM_S = 2.0
 SWEEP_EVERY_S = 0.25
 
 
-def _unacked(
-    deliveries: Sequence[ReceivedEvent], records: Sequence[dict[str, Any]]
-) -> list[ReceivedEvent]:
-    """What a broker redelivers: the messages the dead worker never acknowledged."""
-    acked = kinds(records, "ack")
-    remaining = []
-    for event in deliveries:
-        key = str(event.id)
-        if acked[key] > 0:
-            acked[key] -= 1
-        else:
-            remaining.append(event)
-    return remaining
-
-
 def _replaying(records: Sequence[dict[str, Any]]) -> bool:
     """Whether the running handler is a follower's replay (its leader's claims are held).
 
@@ -582,7 +568,7 @@ async def test_worker_killed_mid_handler_is_recovered_with_nothing_lost(
         poll_interval=0.02,
     )
     try:
-        redelivered = _unacked(stream.deliveries, dead_records)
+        redelivered = unacknowledged(stream.deliveries, dead_records)
         records = await _recover(ordering, redelivered, stream, dead_records, seconds=60)
     finally:
         await ordering.close()
