@@ -246,11 +246,15 @@ class Handling(Generic[E]):
     ) -> Taken:
         """Take (or renew) the leases of ``event_ids`` for ``token``; read ``leaders``' marks."""
         db = await self._db()
+        return await db.take(self._take_request(event_ids, token, leaders), self._clock)
+
+    def _take_request(
+        self, event_ids: Sequence[UUID], token: UUID, leaders: Iterable[UUID] = ()
+    ) -> TakeLeases:
         now = self._now()
-        request = TakeLeases(
+        return TakeLeases(
             self.scope, token, tuple(event_ids), now, now + self.durations.lease, tuple(leaders)
         )
-        return await db.take(request, self._clock)
 
     async def _park(
         self,
@@ -289,6 +293,7 @@ class Handling(Generic[E]):
         """Mark ``event_ids`` seen, end ``token``'s leases, claim their followers (``claim``)."""
         db = await self._db()
         completed = await db.complete(self._completion(event_ids, token, claim=claim), self._clock)
+        telemetry.count("handled", self.scope, len(completed.done))
         await self._purge_if_due()
         return completed
 
@@ -302,7 +307,6 @@ class Handling(Generic[E]):
         completed = await self._complete([event.id], token, claim=claim)
         if event.id not in completed.done:
             raise self._lease_lost(event.id)
-        telemetry.count("handled", self.scope)
         return self._load(completed.claimed)
 
     def _lease_lost(self, event_id: UUID) -> LeaseLostError:
@@ -338,11 +342,7 @@ class Handling(Generic[E]):
             return
         await hold.pause()
         async with db.transaction() as conn:
-            now = self._now()
-            request = TakeLeases(
-                self.scope, hold.token, tuple(hold.event_ids), now, now + self.durations.lease
-            )
-            taken = await db.joined(conn).take(request)
+            taken = await db.joined(conn).take(self._take_request(hold.event_ids, hold.token))
             lost = [event_id for event_id in hold.event_ids if event_id not in taken.taken]
             if lost:  # the release that follows ends only those still ours
                 raise self._lease_lost(lost[0])
@@ -357,6 +357,20 @@ class Handling(Generic[E]):
         await hold.pause()
         db = await self._db()
         return await db.joined(conn).complete(self._completion(event_ids, hold.token, claim=True))
+
+    async def _after_joined_commit(
+        self,
+        handler: EventHandler,
+        token: UUID,
+        groups: Sequence[tuple[EventLike, list[E]]],
+        depth: int,
+        handled: int,
+    ) -> None:
+        """What follows a joined completion once its transaction committed (``_complete`` does
+        the same for its own): count the events handled, purge if due, replay the followers."""
+        telemetry.count("handled", self.scope, handled)
+        await self._purge_if_due()
+        await self._replay(handler, token, groups, depth)
 
     def _admit(self, event: EventLike, depth: int, *, action: str) -> str | None:
         """The checks before a lease is taken: the event's ``stored_form`` if it follows

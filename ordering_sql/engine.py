@@ -392,9 +392,8 @@ class CausalOrdering(Handling[E]):
                     completed = await self._complete_joined(conn, hold, [event.id])
                     if event.id not in completed.done:
                         raise self._lease_lost(event.id)  # rolls the effects back
-            telemetry.count("handled", self.scope)
-            await self._purge_if_due()
-            await self._replay(handler, token, [(event, self._load(completed.claimed))], depth)
+            released = [(event, self._load(completed.claimed))]
+            await self._after_joined_commit(handler, token, released, depth, handled=1)
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -434,7 +433,6 @@ class CausalOrdering(Handling[E]):
         async with self._holding(token, ids):
             yield batch
         completed = await self._complete(ids, token, claim=True)
-        telemetry.count("handled", self.scope, len(completed.done))
         await self._replay(handler, token, self._released(batch, completed), 0)
         lost = [event_id for event_id in ids if event_id not in completed.done]
         if lost:
@@ -479,9 +477,8 @@ class CausalOrdering(Handling[E]):
             lost = [event_id for event_id in ids if event_id not in completed.done]
             if lost:  # the effects of the batch cannot be told apart: none commits
                 raise self._batch_lost(lost, "nothing of this batch was recorded")
-        telemetry.count("handled", self.scope, len(ids))
-        await self._purge_if_due()
-        await self._replay(handler, token, self._released(batch, completed), 0)
+        released = self._released(batch, completed)
+        await self._after_joined_commit(handler, token, released, 0, handled=len(ids))
 
     async def _decide(self, events: Iterable[E]) -> tuple[Batch[E], UUID]:
         """Check a batch's events (before anything is taken: an event that cannot be stored is
