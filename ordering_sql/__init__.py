@@ -5,6 +5,7 @@ been handled, and replayed then; the bookkeeping lives in SQLite or Postgres, so
 restarts and is shared by every process on the same database.
 """
 
+from ordering_sql._version import __version__ as __version__
 from ordering_sql.engine import Batch, CausalOrdering, EventHandler
 from ordering_sql.errors import (
     ClosedError,
@@ -29,8 +30,6 @@ from ordering_sql.settings import (
     Durations,
 )
 from ordering_sql.store import dispose_engines
-
-__version__ = "0.1.0"
 
 __all__ = [
     "IN_FLIGHT_EVENT_TIMEOUT",

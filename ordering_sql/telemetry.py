@@ -42,6 +42,7 @@ from uuid import UUID
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Status, StatusCode
 
+from ordering_sql._version import __version__
 from ordering_sql.errors import (
     EventArrivedEarly,
     EventBeingProcessed,
@@ -54,9 +55,8 @@ __all__ = ["Outcome", "count", "handling", "leases_lost", "lost_followers", "ste
 Outcome = Literal["handled", "parked", "replayed", "duplicates", "busy"]
 
 _NAME: Final = "ordering_sql"
-_VERSION: Final = "0.1.0"
-_meter = metrics.get_meter(_NAME, _VERSION)
-_tracer = trace.get_tracer(_NAME, _VERSION)
+_meter = metrics.get_meter(_NAME, __version__)
+_tracer = trace.get_tracer(_NAME, __version__)
 
 _EVENTS: Final = {
     "handled": "Events whose handling was recorded (marked seen)",
