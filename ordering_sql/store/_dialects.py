@@ -90,6 +90,9 @@ class Dialect(Protocol):
     migrates_on_first_use: ClassVar[bool]
     #: Whether the database admits one writer at a time (so a process queues its own writers).
     single_writer: ClassVar[bool]
+    #: Whether a transaction's BEGIN is a statement SQLAlchemy executes (seen by its
+    #: ``before_cursor_execute``), rather than something the driver sends by itself.
+    begin_is_a_statement: ClassVar[bool]
 
     @property
     def steps(self) -> Steps:
@@ -148,6 +151,7 @@ class SqliteDialect:
     # An embedded file belongs to the application that opened it: set it up on first use.
     migrates_on_first_use: ClassVar[bool] = True
     single_writer: ClassVar[bool] = True
+    begin_is_a_statement: ClassVar[bool] = True  # BEGIN IMMEDIATE, by ``_sqlite_on_begin``
     driver_errors: ClassVar[tuple[type[BaseException], ...]] = (sqlite3.Error,)
 
     @property
@@ -294,6 +298,7 @@ class PostgresDialect:
     # A shared server's schema changes only when an operator runs `ordering-sql migrate`.
     migrates_on_first_use: ClassVar[bool] = False
     single_writer: ClassVar[bool] = False
+    begin_is_a_statement: ClassVar[bool] = False  # asyncpg's transaction() sends it
     driver_errors: ClassVar[tuple[type[BaseException], ...]] = DRIVER_ERRORS
 
     @property

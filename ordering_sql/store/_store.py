@@ -111,7 +111,9 @@ class Store:
             listeners=self._listeners,
             turns=_turns(engine),
         )
-        _observe_sqlalchemy(engine, self._listeners)
+        _observe_sqlalchemy(
+            engine, self._listeners, report_begin=not self.dialect.begin_is_a_statement
+        )
         self._autocommit_options = self.dialect.autocommit_options()
         #: The database's clock, which every expiry decision is made on (``store/_clock.py``).
         self.clock = DatabaseClock(self._read_clock)
@@ -505,7 +507,9 @@ def _given(conn: Any) -> Callable[[], AbstractAsyncContextManager[Any]]:
     return connect
 
 
-def _observe_sqlalchemy(engine: AsyncEngine, listeners: list[Callable[[str], None]]) -> None:
+def _observe_sqlalchemy(
+    engine: AsyncEngine, listeners: list[Callable[[str], None]], *, report_begin: bool
+) -> None:
     """Tell ``listeners`` of the statements sent through SQLAlchemy on ``engine``, and of the
     BEGIN and COMMIT of each of its transactions (``Store.observe``)."""
 
@@ -517,9 +521,8 @@ def _observe_sqlalchemy(engine: AsyncEngine, listeners: list[Callable[[str], Non
         return bool(conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT")
 
     def on_begin(conn: Any) -> None:
-        # Postgres drivers send their BEGIN themselves, unseen by ``before_cursor_execute``;
-        # SQLite's is a statement of the dialect's own hook (``BEGIN IMMEDIATE``), seen there.
-        if transactional(conn) and conn.dialect.name != "sqlite":
+        # ``report_begin``: the driver sends BEGIN itself, unseen by ``before_cursor_execute``.
+        if transactional(conn):
             for listener in listeners:
                 listener("BEGIN")
 
@@ -529,7 +532,8 @@ def _observe_sqlalchemy(engine: AsyncEngine, listeners: list[Callable[[str], Non
                 listener("COMMIT")
 
     event.listen(engine.sync_engine, "before_cursor_execute", before)
-    event.listen(engine.sync_engine, "begin", on_begin)
+    if report_begin:
+        event.listen(engine.sync_engine, "begin", on_begin)
     event.listen(engine.sync_engine, "commit", on_commit)
 
 
