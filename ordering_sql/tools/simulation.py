@@ -28,7 +28,8 @@ import random
 import sys
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,24 +203,28 @@ class Effects:
             raise InjectedFailure(msg)
 
 
-async def create_effects(url: str) -> None:
-    """(Re)create the ``EFFECTS`` table, empty, in the database at ``url``."""
+@asynccontextmanager
+async def _transaction(url: str) -> AsyncIterator[AsyncConnection]:
+    """A transaction on an engine of its own at ``url``, disposed afterwards (the effects
+    table is set up and read apart from the engine under test)."""
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
-            await conn.run_sync(lambda sync: EFFECTS.create(sync))
+            yield conn
     finally:
         await engine.dispose()
+
+
+async def create_effects(url: str) -> None:
+    """(Re)create the ``EFFECTS`` table, empty, in the database at ``url``."""
+    async with _transaction(url) as conn:
+        await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
+        await conn.run_sync(lambda sync: EFFECTS.create(sync))
 
 
 async def drop_effects(url: str) -> None:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
-    finally:
-        await engine.dispose()
+    async with _transaction(url) as conn:
+        await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
 
 
 class EffectsCheck(BaseModel):
@@ -247,12 +252,8 @@ class EffectsCheck(BaseModel):
 async def check_effects(url: str, stream: Stream) -> EffectsCheck:
     """Every event of ``stream`` has exactly one ``EFFECTS`` row, and each follower's row saw
     its leader's row committed."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            found = (await conn.execute(select(EFFECTS.c.event_id, EFFECTS.c.after_leader))).all()
-    finally:
-        await engine.dispose()
+    async with _transaction(url) as conn:
+        found = (await conn.execute(select(EFFECTS.c.event_id, EFFECTS.c.after_leader))).all()
     per_event: dict[str, int] = defaultdict(int)
     early: set[str] = set()
     for event_id, after_leader in found:
