@@ -52,7 +52,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ordering_sql.admin import status
 from ordering_sql.engine import CausalOrdering
-from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
 from ordering_sql.settings import (
@@ -170,7 +169,7 @@ async def _in_process(
     joined: bool = False,
 ) -> tuple[float, list[float], int, list[dict[str, Any]], str]:
     """Run ``workers`` consumers of ``stream`` in this process: the usual single-event worker,
-    the batch worker (``batch``), or with ``effects`` the effect-writing one (``_effects_worker``).
+    the batch worker (``batch``), or with ``effects`` the same worker with E0/E1's handler.
     Returns the seconds, the latencies, the statements sent, the handler records and the scope.
     """
     scope = f"bench-{time.time_ns()}"
@@ -191,8 +190,12 @@ async def _in_process(
                 with effects.observe(sent):
                     await asyncio.gather(
                         *(
-                            _effects_worker(
-                                ordering, queue, log, effects, joined=joined, latencies=latencies
+                            run_worker(
+                                ordering,
+                                queue,
+                                log,
+                                latencies=latencies,
+                                handler=_effects_handler(ordering, log, effects, joined=joined),
                             )
                             for log in logs
                         )
@@ -316,19 +319,12 @@ class _Effects:
             await self.engine.dispose()
 
 
-async def _effects_worker(
-    ordering: CausalOrdering[Any],
-    queue: DeliveryQueue,
-    log: HandledLog,
-    effects: _Effects,
-    *,
-    joined: bool,
-    latencies: list[float],
-    retry_delay: float = 0.05,
-) -> None:
-    """``run_worker`` (the same consumer: skip seen events, redeliver busy ones) whose handler
-    writes one effect row per event: in a transaction of its own inside
-    ``preceding_event_confirmed`` (E0), or on ``exactly_once``'s connection (``joined``, E1)."""
+def _effects_handler(
+    ordering: CausalOrdering[Any], log: HandledLog, effects: _Effects, *, joined: bool
+) -> Callable[[ReceivedEvent, int], Awaitable[None]]:
+    """The recursive handler of E0 and E1: one effect row per event, in a transaction of its
+    own inside ``preceding_event_confirmed`` (E0), or on ``exactly_once``'s connection
+    (``joined``, E1)."""
 
     async def handler(event: ReceivedEvent, depth: int = 0) -> None:
         if joined:
@@ -343,18 +339,7 @@ async def _effects_worker(
                     await effects.write(conn, event)
                 log.write("end", event.id)
 
-    while (event := await queue.get()) is not None:
-        began = time.perf_counter()
-        if not await ordering.event_has_been_seen(event):
-            try:
-                await handler(event, 0)
-            except EventArrivedEarly:
-                pass  # parked: acknowledged, its leader replays it
-            except EventBeingProcessed:
-                queue.put_later(event, retry_delay)
-                continue
-        log.write("ack", event.id)
-        latencies.append(time.perf_counter() - began)
+    return handler
 
 
 async def _processes(

@@ -392,6 +392,7 @@ async def run_worker(
     on_handled: Callable[[], None] | None = None,
     latencies: list[float] | None = None,
     effects: Effects | None = None,
+    handler: Callable[[ReceivedEvent, int], Awaitable[None]] | None = None,
 ) -> Tally:
     """Consume ``queue`` until it is empty, the way a service consumes its message queue.
 
@@ -399,11 +400,14 @@ async def run_worker(
     queue to acknowledging it, replays of released followers included). ``effects``: handle
     through ``exactly_once`` (see ``Effects``); a handling that failed, or whose lease was
     taken over, is redelivered, as a broker redelivers a message not acknowledged.
+    ``handler``: the consumer's own recursive handler instead of the simulation's (it logs
+    its bodies itself; ``tally.handled`` then counts nothing).
     """
     tally = Tally()
-    handler = _handler(
-        ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled, effects=effects
-    )
+    if handler is None:
+        handler = _handler(
+            ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled, effects=effects
+        )
 
     while (event := await queue.get()) is not None:
         began = time.perf_counter()
