@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -352,13 +354,26 @@ def _handler(
     work_seconds: float = 0.0,
     on_handled: Callable[[], None] | None = None,
     effects: Effects | None = None,
+    stop_at_body: int | None = None,
 ) -> Callable[[ReceivedEvent, int], Awaitable[None]]:
     """The workers' handler: one event through ``preceding_event_confirmed`` (or, with
     ``effects``, through ``exactly_once``, writing its effect row), logged and counted; it is
-    also the handler its released followers are replayed through."""
+    also the handler its released followers are replayed through.
+
+    ``stop_at_body``: the process stops itself (SIGSTOP) inside its handler body of that ordinal
+    (1 is the first), its lease held and its transaction open, and the fault test that asked for
+    it decides what follows (SIGKILL, or SIGCONT after a stall). Stopping from inside puts the
+    fault exactly there; a test polling from outside could miss every body of a worker whose
+    peers handled the rest of the stream first.
+    """
+    bodies = 0
 
     async def work(event: ReceivedEvent, depth: int) -> None:
+        nonlocal bodies
         log.write("start", event.id)
+        bodies += 1
+        if bodies == stop_at_body:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if work_seconds:
             await asyncio.sleep(work_seconds)
         log.write("end", event.id)
@@ -393,6 +408,7 @@ async def run_worker(
     latencies: list[float] | None = None,
     effects: Effects | None = None,
     handler: Callable[[ReceivedEvent, int], Awaitable[None]] | None = None,
+    stop_at_body: int | None = None,
 ) -> Tally:
     """Consume ``queue`` until it is empty, the way a service consumes its message queue.
 
@@ -401,12 +417,19 @@ async def run_worker(
     through ``exactly_once`` (see ``Effects``); a handling that failed, or whose lease was
     taken over, is redelivered, as a broker redelivers a message not acknowledged.
     ``handler``: the consumer's own recursive handler instead of the simulation's (it logs
-    its bodies itself; ``tally.handled`` then counts nothing).
+    its bodies itself; ``tally.handled`` then counts nothing). ``stop_at_body``: see
+    ``_handler``.
     """
     tally = Tally()
     if handler is None:
         handler = _handler(
-            ordering, log, tally, work_seconds=work_seconds, on_handled=on_handled, effects=effects
+            ordering,
+            log,
+            tally,
+            work_seconds=work_seconds,
+            on_handled=on_handled,
+            effects=effects,
+            stop_at_body=stop_at_body,
         )
 
     while (event := await queue.get()) is not None:
@@ -575,6 +598,8 @@ class WorkerSpec(BaseModel):
     #: With ``exactly_once``: the share of handlings that fail after writing their row.
     fail_rate: float = 0.0
     seed: int | None = None
+    #: Stop (SIGSTOP) inside the handler body of this ordinal, for a fault test to act on.
+    stop_at_body: int | None = None
 
 
 def write_deliveries(path: Path, deliveries: Iterable[ReceivedEvent]) -> None:
@@ -602,7 +627,12 @@ async def _worker_process(spec: WorkerSpec) -> Tally:
         effects = Effects(spec.fail_rate, random.Random(spec.seed)) if spec.exactly_once else None
         try:
             return await run_worker(
-                ordering, queue, log, work_seconds=spec.work_seconds, effects=effects
+                ordering,
+                queue,
+                log,
+                work_seconds=spec.work_seconds,
+                effects=effects,
+                stop_at_body=spec.stop_at_body,
             )
         finally:
             await ordering.close()

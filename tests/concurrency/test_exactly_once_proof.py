@@ -7,9 +7,12 @@ unique constraint (``simulation.EFFECTS``). A row records whether its leader's r
 to its transaction, that is, committed before it. The faults, one run each:
 
 * ``kill``: one worker is SIGKILLed at a random moment inside a handler (its transaction open,
-  its lease held) and restarted with the messages it had not acknowledged;
+  its lease held) and restarted with the messages it had not acknowledged; the moment is a
+  handler body of a random ordinal, where the worker stops itself (SIGSTOP) for the test to
+  kill it, so the fault lands inside a body on every run;
 * ``raise``: every worker's handler raises after writing its row, at random (a fifth of them);
-* ``stop``: one worker is stopped (SIGSTOP) inside a handler for four lease lifetimes, then
+* ``stop``: one worker is stopped (SIGSTOP, at such a moment) inside a handler for four lease
+  lifetimes, then
   continued: on Postgres another worker takes the expired lease over and the stalled one's
   completion fails (``LeaseLostError``, rolled back); on SQLite the stalled transaction holds
   the write lock, so nobody can take the lease over, and the others wait for it.
@@ -74,18 +77,35 @@ SWEEP_EVERY_S = 0.25
 SIMULATION = "ordering_sql.tools.simulation"  # a worker process: ``simulation.main``
 
 
-async def _when_mid_handler(worker: Child, log: Path, after_acks: int) -> str:
-    """Wait until ``worker`` acknowledged ``after_acks`` messages and is inside a handler body
-    (its transaction open); the event it is handling."""
+async def _first_body(worker: Child, log: Path) -> None:
+    """Wait until ``worker`` has begun its first handler body."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert worker.process.returncode is None, f"{worker.name} ended early: {worker.errors()}"
-        records = records_of([log])
-        acks = sum(1 for r in records if r["k"] == "ack")
-        if acks >= after_acks and records and records[-1]["k"] == "start":
+        if any(r["k"] == "start" for r in records_of([log])):
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{worker.name} never began a handler body: {worker.errors()}")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (by a signal), as the kernel reports it."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+async def _when_stopped_in_handler(worker: Child, log: Path) -> str:
+    """Wait until ``worker`` stopped itself inside a handler body (``WorkerSpec.stop_at_body``:
+    its lease held, its transaction open); the event it is handling."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert worker.process.returncode is None, f"{worker.name} ended early: {worker.errors()}"
+        if _stopped(worker.process.pid):
+            records = records_of([log])
+            assert records[-1]["k"] == "start", records[-1]
             return str(records[-1]["id"])
-        await asyncio.sleep(0.0005)
-    pytest.fail(f"{worker.name} was never caught inside a handler: {worker.errors()}")
+        await asyncio.sleep(0.005)
+    pytest.fail(f"{worker.name} never stopped inside a handler: {worker.errors()}")
 
 
 async def _sweep_until_done(
@@ -136,7 +156,9 @@ async def test_three_processes_with_every_event_three_times_write_each_effect_on
     await create_effects(database_url)
     fail_rate = FAIL_RATE if fault == "raise" else 0.0
 
-    def spec(name: str, deliveries: list[ReceivedEvent], k: int) -> WorkerSpec:
+    def spec(
+        name: str, deliveries: list[ReceivedEvent], k: int, stop_at_body: int | None = None
+    ) -> WorkerSpec:
         path = tmp_path / f"{name}.jsonl"
         write_deliveries(path, deliveries)
         return WorkerSpec(
@@ -151,23 +173,28 @@ async def test_three_processes_with_every_event_three_times_write_each_effect_on
             exactly_once=True,
             fail_rate=fail_rate,
             seed=seed + k,
+            stop_at_body=stop_at_body,
         )
 
+    # The random moment: copy-0 stops itself inside its handler body of a random ordinal. It
+    # starts first and the others once it is handling, so it is sure to reach that body (the
+    # others boot while it works) and they race it for the rest of the stream.
+    moment = rng.randrange(2, 12) if fault in ("kill", "stop") else None
     copies = [jumbled(stream.deliveries, seed=seed + k) for k in range(3)]
-    specs = [spec(f"copy-{k}", copies[k], k) for k in range(3)]
-    workers = [await children.spawn(s.worker, SIMULATION, s) for s in specs]
-    target = rng.randrange(EVENTS // 6, EVENTS // 2)  # the random moment: after so many acks
+    specs = [spec(f"copy-{k}", copies[k], k, moment if k == 0 else None) for k in range(3)]
+    workers = [await children.spawn(specs[0].worker, SIMULATION, specs[0])]
+    await _first_body(workers[0], specs[0].log)
+    workers += [await children.spawn(s.worker, SIMULATION, s) for s in specs[1:]]
     caught: str | None = None
     if fault == "kill":
-        caught = await _when_mid_handler(workers[0], specs[0].log, target)
+        caught = await _when_stopped_in_handler(workers[0], specs[0].log)
         workers[0].kill()
         assert await workers[0].wait(10) == -signal.SIGKILL
         redelivered = unacknowledged(copies[0], records_of([specs[0].log]))
         restarted = spec("copy-0-restarted", redelivered, 3)
         workers.append(await children.spawn(restarted.worker, SIMULATION, restarted))
     elif fault == "stop":
-        caught = await _when_mid_handler(workers[0], specs[0].log, target)
-        workers[0].process.send_signal(signal.SIGSTOP)
+        caught = await _when_stopped_in_handler(workers[0], specs[0].log)
         await asyncio.sleep(STALL_S)
         workers[0].process.send_signal(signal.SIGCONT)
 
