@@ -221,8 +221,10 @@ async def test_pgbouncer_multiplexes_server_connections_as_its_mode_says(
     bouncer: PgBouncer, bouncer_url: str, postgres_admin_url: str, pool_mode: PoolMode
 ) -> None:
     """Twice as many clients as transaction mode has server connections, all busy at once: in
-    transaction mode each client's transactions run on several server connections, shared
-    between the clients; in session mode each client keeps one server connection of its own."""
+    transaction mode the clients' transactions share the pool's few server connections (a
+    server connection serves several clients in turn; whether one client's transactions also
+    move between server connections is up to pgbouncer's queue, so that is not asserted); in
+    session mode each client keeps one server connection of its own."""
     clients = 2 * TRANSACTION_POOL_SIZE
     dsn = _asyncpg_dsn(bouncer_url)
     conns = [await asyncpg.connect(dsn, statement_cache_size=0, timeout=10) for _ in range(clients)]
@@ -250,9 +252,7 @@ async def test_pgbouncer_multiplexes_server_connections_as_its_mode_says(
     # Every pid is a real backend of the test database, seen past pgbouncer.
     assert servers <= backends, (servers, backends)
     if pool_mode == "transaction":
-        assert len(servers) <= TRANSACTION_POOL_SIZE < clients
-        moved = [len(s) for s in per_client if len(s) > 1]
-        assert moved, f"no client's transactions ever changed server connection: {per_client}"
+        assert len(servers) <= TRANSACTION_POOL_SIZE < clients, per_client
     else:
         assert all(len(s) == 1 for s in per_client), per_client
         assert len(servers) == clients
