@@ -13,15 +13,15 @@ Workloads (``--events`` events, 5,000 by default, in chains of 5):
 * E1: E0 through ``exactly_once``: the effect row is written on the connection it yields and
   commits with the event's completion.
 
-Each workload runs ``--repeat`` times (3) in fresh
-scopes and reports the median events/s, p50/p99 seconds per delivery, statements (round trips on
-Postgres) per event, and a correctness check: every event handled exactly once, in causal
-order, nothing left parked (E0 and E1: and exactly one effect row per event). The floors are
-measured on the same database in the same run: a single-row INSERT + COMMIT into an ordinary
-(durable) table and a ``SELECT 1``, each through the raw driver and through SQLAlchemy; each
-workload is also shown as a ratio to the two-statement floor (SQLAlchemy's INSERT + COMMIT rate
-halved), the least an in-order event costs when both of its statements commit through
-SQLAlchemy.
+Each workload runs ``--repeat`` times (3) in fresh scopes and reports the median events/s,
+p50/p99 seconds per delivery, statements (round trips on Postgres) per event, and a correctness
+check: every event handled exactly once, in causal order, nothing left parked (E0 and E1: and
+exactly one effect row per event). The floors (``floors.py``) are measured on the same database
+in the same run: a single-row INSERT + COMMIT into an ordinary (durable) table and a
+``SELECT 1``, each through the raw driver and through SQLAlchemy; each workload is also shown as
+a ratio to the two-statement floor (SQLAlchemy's INSERT + COMMIT rate halved), the least an
+in-order event costs when both of its statements commit through SQLAlchemy. ``--plot`` draws
+them (``plot.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import math
 import os
 import random
 import statistics
@@ -43,8 +41,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import aiosqlite
-import asyncpg
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
@@ -61,6 +57,7 @@ from ordering_sql.settings import (
     mask_url,
     normalize_url,
 )
+from ordering_sql.tools.floors import Floors, measure_floors
 from ordering_sql.tools.simulation import (
     DeliveryQueue,
     HandledLog,
@@ -73,7 +70,7 @@ from ordering_sql.tools.simulation import (
     write_deliveries,
 )
 
-__all__ = ["BenchReport", "Floors", "WorkloadResult", "run_bench"]
+__all__ = ["BenchReport", "WorkloadResult", "run_bench"]
 
 CHAIN = 5
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "E0", "E1")
@@ -85,26 +82,6 @@ EFFECTS = {"E0": False, "E1": True}
 EFFECTS_TABLE = "bench_effects"
 #: W4's batch size.
 BATCH = 100
-#: Connections of the parallel floor: as many as W3's workers.
-PARALLEL_FLOOR = 8
-
-
-class Floors(BaseModel):
-    """Operations per second on the same database: one connection, sequential, unless named."""
-
-    model_config = ConfigDict(frozen=True)
-
-    raw_insert_commit: float
-    #: INSERT + COMMIT per second summed over ``PARALLEL_FLOOR`` connections working at once.
-    raw_insert_commit_parallel: float
-    raw_select_1: float
-    sqlalchemy_insert_commit: float
-    sqlalchemy_select_1: float
-
-    @property
-    def two_statement(self) -> float:
-        """The least an in-order event costs: two committed statements through SQLAlchemy."""
-        return self.sqlalchemy_insert_commit / 2
 
 
 class WorkloadResult(BaseModel):
@@ -397,108 +374,6 @@ async def _leftovers_then_clear(url: str, scope: str) -> int:
         await ordering.close()
 
 
-async def _measure(fn: Callable[[], Awaitable[None]], *, seconds: float = 1.0) -> float:
-    """Calls per second of ``fn`` over about ``seconds``."""
-    done, began = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - began) < seconds or done < 50:
-        await fn()
-        done += 1
-    return done / elapsed
-
-
-async def measure_floors(url: str) -> Floors:
-    """The floors: a single-row INSERT + COMMIT and a ``SELECT 1``, raw and through SQLAlchemy.
-
-    The INSERT goes to an ordinary table, durable like the engine's own: a temporary table
-    writes no WAL (Postgres) or sits outside the database file (SQLite), so its commit skips the
-    flush to disk that every commit of the engine pays. The table is dropped afterwards.
-    """
-    parsed = normalize_url(url)
-    table = f"ordering_bench_floor_{os.getpid()}"
-    pooled = Settings.from_env(url).pooler == "transaction"
-    # Behind a transaction pooler the floors prepare unnamed statements too, as the engine does.
-    caches_off = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
-    engine = create_async_engine(parsed, connect_args=caches_off if pooled else {})
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text(f"CREATE TABLE {table} (n INTEGER)"))
-            await conn.commit()
-            try:
-
-                async def sa_insert() -> None:
-                    await conn.execute(text(f"INSERT INTO {table} VALUES (1)"))
-                    await conn.commit()
-
-                async def sa_select() -> None:
-                    await conn.execute(text("SELECT 1"))
-
-                sa_insert_rate = await _measure(sa_insert)
-                await conn.rollback()
-                sa_select_rate = await _measure(sa_select)
-                await conn.rollback()
-                raw_insert_rate, parallel_rate, raw_select_rate = await _raw_floors(
-                    parsed, table, pooled=pooled
-                )
-            finally:
-                await conn.execute(text(f"DROP TABLE {table}"))
-                await conn.commit()
-    finally:
-        await engine.dispose()
-    return Floors(
-        raw_insert_commit=raw_insert_rate,
-        raw_insert_commit_parallel=parallel_rate,
-        raw_select_1=raw_select_rate,
-        sqlalchemy_insert_commit=sa_insert_rate,
-        sqlalchemy_select_1=sa_select_rate,
-    )
-
-
-async def _raw_floors(parsed: Any, table: str, *, pooled: bool) -> tuple[float, float, float]:
-    """The floors through the driver itself (aiosqlite or asyncpg), on the same table.
-
-    Returns INSERT + COMMIT per second on one connection, the same summed over
-    ``PARALLEL_FLOOR`` connections at once (W3's shape: concurrent commits may share a flush
-    to disk), and ``SELECT 1`` per second.
-    """
-    if parsed.get_backend_name() == "sqlite":
-        synchronous = Settings.from_env().sqlite_synchronous  # as the engine's connections
-
-        async def connect() -> Any:
-            raw = await aiosqlite.connect(parsed.database or ":memory:", timeout=30)
-            await raw.execute("PRAGMA journal_mode=WAL")
-            await raw.execute(f"PRAGMA synchronous={synchronous}")
-            return raw
-
-        async def insert(raw: Any) -> None:
-            await raw.execute(f"INSERT INTO {table} VALUES (1)")
-            await raw.commit()
-
-        async def select_1(raw: Any) -> None:
-            await (await raw.execute("SELECT 1")).fetchall()
-
-    else:
-        dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-
-        async def connect() -> Any:
-            return await asyncpg.connect(dsn, statement_cache_size=0 if pooled else 100)
-
-        async def insert(raw: Any) -> None:
-            await raw.execute(f"INSERT INTO {table} VALUES (1)")
-
-        async def select_1(raw: Any) -> None:
-            await raw.fetchval("SELECT 1")
-
-    connections = [await connect() for _ in range(PARALLEL_FLOOR)]
-    try:
-        first = connections[0]
-        single = await _measure(lambda: insert(first))
-        rates = await asyncio.gather(*(_measure(functools.partial(insert, c)) for c in connections))
-        return single, sum(rates), await _measure(lambda: select_1(first))
-    finally:
-        for raw in connections:
-            await raw.close()
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -671,63 +546,3 @@ def _environment(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def plot(report: BenchReport, path: Path) -> None:
-    """Save ``figure(report)`` to ``path`` (PNG, SVG or PDF, by its suffix)."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(report)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def figure(report: BenchReport) -> Any:
-    """Bar chart of events/s per workload and backend, with each backend's floors drawn.
-
-    The axis is logarithmic, so the batch workload (W4) and the single-event ones (W1-W3, E0
-    and E1) stay readable side by side; each backend's two-statement floor (an in-order event's
-    least cost) is a dashed line, its raw INSERT + COMMIT floor a dotted one, in the bars' colour.
-    Returns a matplotlib ``Figure``; needs matplotlib (the bench extra).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backends = sorted({r.backend for r in report.results})
-    names = [w for w in WORKLOADS if any(r.workload == w for r in report.results)]
-    rate = {(r.workload, r.backend): r.events_per_s for r in report.results}
-    fig, ax = plt.subplots(figsize=(9, 5))
-    width = 0.8 / max(1, len(backends))
-    for b, backend in enumerate(backends):
-        xs = [i + b * width for i, w in enumerate(names) if (w, backend) in rate]
-        ys = [rate[w, backend] for w in names if (w, backend) in rate]
-        bars = ax.bar(xs, ys, width, label=backend)
-        ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7, padding=2)
-        floors = report.floors.get(backend)
-        if floors is not None:
-            colour = bars.patches[0].get_facecolor() if bars.patches else None
-            ax.axhline(floors.two_statement, color=colour, linestyle="--", linewidth=1)
-            ax.axhline(floors.raw_insert_commit, color=colour, linestyle=":", linewidth=1)
-            ax.annotate(
-                f"{backend}: two-statement floor {floors.two_statement:,.0f}/s, "
-                f"raw INSERT+COMMIT {floors.raw_insert_commit:,.0f}/s",
-                xy=(0.01, 0.97 - 0.05 * b),
-                xycoords="axes fraction",
-                fontsize=7,
-                color=colour,
-                va="top",
-            )
-    ax.set_yscale("log")
-    drawn = [r.events_per_s for r in report.results if r.events_per_s > 0] + [
-        f.two_statement for f in report.floors.values()
-    ]
-    if drawn:  # bars start at the power of ten below the smallest value, not mid-decade
-        ax.set_ylim(bottom=10 ** math.floor(math.log10(min(drawn))))
-    ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(names))], names)
-    ax.set_ylabel("events/s, median of runs (log scale)")
-    ax.set_title("ordering-sql bench: workloads next to the floors of the same database")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig

@@ -16,13 +16,13 @@ from ordering_sql.migration import migrate
 from ordering_sql.tools.bench import (
     EFFECTS_TABLE,
     BenchReport,
-    Floors,
     WorkloadResult,
     _Effects,
     chains,
-    figure,
     run_workload,
 )
+from ordering_sql.tools.floors import Floors
+from ordering_sql.tools.plot import figure
 
 #: Floors for runs that skip measuring them (a second each): only the ratios depend on them.
 SOME_FLOORS = Floors(
