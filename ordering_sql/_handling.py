@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
@@ -23,8 +22,8 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql import telemetry
-from ordering_sql._planner import Planned, plan
-from ordering_sql._renewal import Renewal
+from ordering_sql._planner import Batch, Planned, plan
+from ordering_sql._renewal import Hold, Renewal, what_is_held
 from ordering_sql.errors import (
     ClosedError,
     ConfigurationError,
@@ -33,7 +32,7 @@ from ordering_sql.errors import (
     LeaseLostError,
     MaxDepthExceeded,
 )
-from ordering_sql.models import EventLike, check_event, stored_form
+from ordering_sql.models import EventLike, check_event, follows_something, stored_form
 from ordering_sql.settings import Durations, Settings, shortened
 from ordering_sql.store import Store, acquire_store
 from ordering_sql.store._steps import (
@@ -50,7 +49,7 @@ from ordering_sql.store._steps import (
     Taken,
 )
 
-__all__ = ["Batch", "EventHandler", "Handling", "Hold", "follows_something", "what_is_held"]
+__all__ = ["EventHandler", "Handling"]
 
 logger = logging.getLogger("ordering_sql.engine")
 
@@ -59,62 +58,6 @@ E = TypeVar("E", bound=BaseModel)
 #: ``handler(event, depth)``: the consumer's own handling of one event, which calls
 #: ``preceding_event_confirmed(handler, event, depth)`` around its work.
 EventHandler = Callable[[Any, int], Awaitable[None]]
-
-
-def follows_something(event: EventLike) -> bool:
-    return event.follows is not None and event.follows != event.id
-
-
-@dataclass(eq=False)
-class Hold:
-    """Leases this worker holds for one handling, and the renewal that keeps them alive."""
-
-    token: UUID
-    event_ids: list[UUID]
-    renewal: Renewal | None = None
-    #: Set once the leases were ended without a release (parked, or taken over meanwhile).
-    ended: bool = False
-
-    async def pause(self) -> None:
-        if self.renewal is not None:
-            await self.renewal.stop()
-
-    def resume(self) -> None:
-        if self.renewal is not None:
-            self.renewal.start()
-
-
-def what_is_held(event_ids: Sequence[UUID], noun: str = "the lease of event") -> str:
-    """``the lease of event <id>``, or ``... <id> and N more``, for log lines."""
-    more = f" and {len(event_ids) - 1} more" if len(event_ids) > 1 else ""
-    return f"{noun} {event_ids[0]}{more}"
-
-
-@dataclass(eq=False)
-class Batch(Generic[E]):
-    """What ``preceding_events_confirmed`` decided for one batch of events.
-
-    Iterating a batch yields ``ready``: handle those, in that order (a leader comes before its
-    followers). ``parked`` events wait in the database for a leader outside the batch, and
-    ``skipped`` ones were repeats within the batch or already handled: acknowledge both, with
-    the ready ones. ``busy`` events are being handled by another worker right now: do not
-    acknowledge them, redeliver them later (as for ``EventBeingProcessed``), so that they are
-    not lost if that worker dies.
-    """
-
-    ready: list[E]
-    parked: list[E]
-    skipped: list[E]
-    busy: list[E]
-    #: Followers from earlier batches that this batch's events released, handed to the handler
-    #: after the batch was recorded (filled in when the ``async with`` block ends).
-    replayed: list[E] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[E]:
-        return iter(self.ready)
-
-    def __len__(self) -> int:
-        return len(self.ready)
 
 
 class Handling(Generic[E]):

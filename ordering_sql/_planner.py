@@ -2,16 +2,20 @@
 
 The engine takes the batch's leases and reads the marks of the leaders it needs
 (``store.take``), then asks ``plan``; it parks what the plan says in one step and hands the
-ready events to the caller, leaders before their followers.
+ready events to the caller, leaders before their followers, in a ``Batch``: what the caller
+sees of the decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 from uuid import UUID
 
-__all__ = ["Plan", "Planned", "plan"]
+__all__ = ["Batch", "Plan", "Planned", "plan"]
+
+E = TypeVar("E")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +73,30 @@ def plan(events: Sequence[Planned], *, taken: set[UUID], seen: set[UUID]) -> Pla
             decided[event.id] = go
             (ready if go else park).append(event.id)
     return Plan(ready=ready, park=park)
+
+
+@dataclass(eq=False)
+class Batch(Generic[E]):
+    """What ``preceding_events_confirmed`` decided for one batch of events.
+
+    Iterating a batch yields ``ready``: handle those, in that order (a leader comes before its
+    followers). ``parked`` events wait in the database for a leader outside the batch, and
+    ``skipped`` ones were repeats within the batch or already handled: acknowledge both, with
+    the ready ones. ``busy`` events are being handled by another worker right now: do not
+    acknowledge them, redeliver them later (as for ``EventBeingProcessed``), so that they are
+    not lost if that worker dies.
+    """
+
+    ready: list[E]
+    parked: list[E]
+    skipped: list[E]
+    busy: list[E]
+    #: Followers from earlier batches that this batch's events released, handed to the handler
+    #: after the batch was recorded (filled in when the ``async with`` block ends).
+    replayed: list[E] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[E]:
+        return iter(self.ready)
+
+    def __len__(self) -> int:
+        return len(self.ready)

@@ -3,6 +3,7 @@
 A processing lease and a leader's claim on the followers it replays both expire, so that a
 worker that dies lets go of them. A worker that is alive but slow must not lose them, so while
 its work runs longer than a third of their lifetime a ``Renewal`` extends them, every third.
+A ``Hold`` is one handling's leases with the renewal that keeps them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
+from uuid import UUID
 
 from ordering_sql.errors import OrderingError
 
-__all__ = ["Renewal"]
+__all__ = ["Hold", "Renewal", "what_is_held"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +94,28 @@ class Renewal:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._interval)
+
+
+@dataclass(eq=False)
+class Hold:
+    """Leases this worker holds for one handling, and the renewal that keeps them alive."""
+
+    token: UUID
+    event_ids: list[UUID]
+    renewal: Renewal | None = None
+    #: Set once the leases were ended without a release (parked, or taken over meanwhile).
+    ended: bool = False
+
+    async def pause(self) -> None:
+        if self.renewal is not None:
+            await self.renewal.stop()
+
+    def resume(self) -> None:
+        if self.renewal is not None:
+            self.renewal.start()
+
+
+def what_is_held(event_ids: Sequence[UUID], noun: str = "the lease of event") -> str:
+    """``the lease of event <id>``, or ``... <id> and N more``, for log lines."""
+    more = f" and {len(event_ids) - 1} more" if len(event_ids) > 1 else ""
+    return f"{noun} {event_ids[0]}{more}"

@@ -37,7 +37,9 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ordering_sql import telemetry
-from ordering_sql._handling import Batch, EventHandler, Handling, Hold, follows_something
+from ordering_sql._handling import EventHandler, Handling
+from ordering_sql._planner import Batch
+from ordering_sql._renewal import Hold
 from ordering_sql.errors import (
     ConfigurationError,
     EventArrivedEarly,
@@ -45,7 +47,14 @@ from ordering_sql.errors import (
     LeaseLostError,
     MaxDepthExceeded,
 )
-from ordering_sql.models import EventLike, HasId, ReceivedEvent, check_event, stored_form
+from ordering_sql.models import (
+    EventLike,
+    HasId,
+    ReceivedEvent,
+    check_event,
+    follows_something,
+    stored_form,
+)
 from ordering_sql.settings import Durations, Settings, mask_url, shortened, validate_scope
 from ordering_sql.store import Store, release_store
 from ordering_sql.store._steps import Completed, Release, Sweep

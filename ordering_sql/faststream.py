@@ -61,7 +61,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ordering_sql._handling import follows_something
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.errors import (
     ConfigurationError,
@@ -70,7 +69,7 @@ from ordering_sql.errors import (
     LeaseLostError,
     MaxDepthExceeded,
 )
-from ordering_sql.models import EventLike, check_event, stored_form
+from ordering_sql.models import EventLike, check_event, follows_something, stored_form
 
 if TYPE_CHECKING:
     from faststream.nats.message import NatsMessage

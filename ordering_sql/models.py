@@ -24,6 +24,7 @@ __all__ = [
     "ReceivedEvent",
     "Resource",
     "check_event",
+    "follows_something",
     "stored_form",
 ]
 
@@ -154,3 +155,9 @@ class EventLike(Protocol):
     def received(self) -> datetime: ...
 
     def model_dump_json(self) -> str: ...
+
+
+def follows_something(event: EventLike) -> bool:
+    """Whether ``event`` waits for a leader: it follows an event other than itself (an event
+    that follows itself follows nothing, as in the reference)."""
+    return event.follows is not None and event.follows != event.id
