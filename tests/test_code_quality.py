@@ -19,12 +19,23 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing() -> None:
-    result = _run(str(BIN / "ruff"), "check", "ordering_sql", "migrations", "tests", "benchmarks")
+    result = _run(
+        str(BIN / "ruff"), "check", "ordering_sql", "migrations", "tests", "benchmarks", "examples"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_applied() -> None:
-    result = _run(str(BIN / "ruff"), "format", "--check", "ordering_sql", "migrations", "tests")
+    result = _run(
+        str(BIN / "ruff"),
+        "format",
+        "--check",
+        "ordering_sql",
+        "migrations",
+        "tests",
+        "benchmarks",
+        "examples",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
