@@ -17,7 +17,7 @@ The run, step by step:
 With ``exactly_once``, every worker handles through ``CausalOrdering.exactly_once``, writing one
 row per handling into an effects table of the same database (no unique constraint), and the
 verdict also requires exactly one effect row per event after the crash, each follower's written
-after its leader's committed (``simulation.check_effects``).
+after its leader's committed (``effects.check_effects``).
 """
 
 from __future__ import annotations
@@ -38,19 +38,21 @@ from ordering_sql.engine import CausalOrdering
 from ordering_sql.migration import migrate
 from ordering_sql.models import ReceivedEvent
 from ordering_sql.settings import mask_url
+from ordering_sql.tools.effects import (
+    Effects,
+    EffectsCheck,
+    check_effects,
+    create_effects,
+    drop_effects,
+)
 from ordering_sql.tools.simulation import (
     Check,
     DeliveryQueue,
-    Effects,
-    EffectsCheck,
     HandledLog,
     Tally,
     WorkerSpec,
     build_stream,
     check,
-    check_effects,
-    create_effects,
-    drop_effects,
     read_log,
     run_worker,
     sweep_lost,

@@ -12,9 +12,10 @@ Used by ``ordering-sql demo`` and by the fault tests. The pieces:
   ``preceding_events_confirmed``.
 * ``check`` reads the logs back: events never handled, handled twice, and order violations (a
   follower whose handling began before its leader's first handling had ended).
-* With ``Effects``, the handler goes through ``exactly_once`` and writes one row per handling
-  into a table without a unique constraint; ``check_effects`` then counts the rows per event
-  (exactly one each) and whether each follower's row was written after its leader's committed.
+* With ``Effects`` (``effects.py``), the handler goes through ``exactly_once`` and writes one
+  row per handling into a table without a unique constraint; ``effects.check_effects`` then
+  counts the rows per event (exactly one each) and whether each follower's row was written
+  after its leader's committed.
 
 A worker can also run as its own process (``python -m ordering_sql.tools.simulation SPEC``), so a
 crash can be a real ``SIGKILL`` that leaves leases, claims and parked followers behind.
@@ -30,32 +31,27 @@ import signal
 import sys
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Boolean, Column, MetaData, String, Table, exists, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql.engine import CausalOrdering
 from ordering_sql.errors import EventArrivedEarly, EventBeingProcessed, LeaseLostError
 from ordering_sql.models import ReceivedEvent
+from ordering_sql.tools.effects import Effects, InjectedFailure
 
 __all__ = [
     "Check",
-    "Effects",
-    "EffectsCheck",
     "Stream",
     "Tally",
     "WorkerSpec",
     "build_stream",
     "check",
-    "check_effects",
     "read_log",
     "run_batch_worker",
     "run_worker",
@@ -160,126 +156,6 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-# -- effects, written exactly once ----------------------------------------------------------------
-
-#: One row per handling that committed, in the ordering's own database. No unique constraint
-#: and no primary key: a second handling of an event would show as a second row.
-EFFECTS: Final = Table(
-    "ordering_sql_demo_effects",
-    MetaData(),
-    Column("event_id", String(36), nullable=False),
-    Column("leader_id", String(36)),
-    #: Whether the leader's row was visible to this row's transaction: committed before it.
-    Column("after_leader", Boolean, nullable=False),
-    Column("worker", String(40), nullable=False),
-)
-
-
-class InjectedFailure(Exception):
-    """A handler failure the simulation makes on purpose (``Effects.fail_rate``)."""
-
-
-@dataclass
-class Effects:
-    """Handle through ``exactly_once``, one ``EFFECTS`` row each; fail ``fail_rate`` of the
-    handlings after their row was written (it must roll back with them)."""
-
-    fail_rate: float = 0.0
-    rng: random.Random = field(default_factory=random.Random)
-
-    async def write(self, conn: AsyncConnection, event: ReceivedEvent, worker: str) -> None:
-        leader = None if event.follows is None else str(event.follows)
-        visible = exists().where(EFFECTS.c.event_id == leader)
-        await conn.execute(
-            insert(EFFECTS).values(
-                event_id=str(event.id),
-                leader_id=leader,
-                after_leader=visible if leader is not None else False,
-                worker=worker,
-            )
-        )
-        if self.fail_rate and self.rng.random() < self.fail_rate:
-            msg = f"injected failure handling {event.id}"
-            raise InjectedFailure(msg)
-
-
-@asynccontextmanager
-async def _transaction(url: str) -> AsyncIterator[AsyncConnection]:
-    """A transaction on an engine of its own at ``url``, disposed afterwards (the effects
-    table is set up and read apart from the engine under test)."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            yield conn
-    finally:
-        await engine.dispose()
-
-
-async def create_effects(url: str) -> None:
-    """(Re)create the ``EFFECTS`` table, empty, in the database at ``url``."""
-    async with _transaction(url) as conn:
-        await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
-        await conn.run_sync(lambda sync: EFFECTS.create(sync))
-
-
-async def drop_effects(url: str) -> None:
-    async with _transaction(url) as conn:
-        await conn.run_sync(lambda sync: EFFECTS.drop(sync, checkfirst=True))
-
-
-class EffectsCheck(BaseModel):
-    """The verdict on the effect rows of a run."""
-
-    model_config = ConfigDict(frozen=True)
-
-    events: int
-    rows: int
-    missing: int
-    twice: int
-    before_leader: int
-    examples: list[str] = []
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.missing == 0
-            and self.twice == 0
-            and self.before_leader == 0
-            and (self.rows == self.events)
-        )
-
-
-async def check_effects(url: str, stream: Stream) -> EffectsCheck:
-    """Every event of ``stream`` has exactly one ``EFFECTS`` row, and each follower's row saw
-    its leader's row committed."""
-    async with _transaction(url) as conn:
-        found = (await conn.execute(select(EFFECTS.c.event_id, EFFECTS.c.after_leader))).all()
-    per_event: dict[str, int] = defaultdict(int)
-    early: set[str] = set()
-    for event_id, after_leader in found:
-        per_event[event_id] += 1
-        if not after_leader:
-            early.add(event_id)
-    followers = {str(f) for f in stream.leaders}
-    ids = [str(e.id) for e in stream.events]
-    missing = [i for i in ids if per_event.get(i, 0) == 0]
-    twice = [i for i in ids if per_event.get(i, 0) > 1]
-    before = sorted(early & followers)
-    examples = (
-        [f"no effect row for {i}" for i in missing[:3]]
-        + [f"{per_event[i]} effect rows for {i}" for i in twice[:3]]
-        + [f"{i}'s effect was written before its leader's committed" for i in before[:3]]
-    )
-    return EffectsCheck(
-        events=len(ids),
-        rows=len(found),
-        missing=len(missing),
-        twice=len(twice),
-        before_leader=len(before),
-        examples=examples,
-    )
 
 
 # -- the consumer ---------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from sqlalchemy import insert, inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ordering_sql import ReceivedEvent
-from ordering_sql.tools.simulation import EFFECTS, build_stream, check_effects, create_effects
+from ordering_sql.tools.effects import EFFECTS, check_effects, create_effects
+from ordering_sql.tools.simulation import build_stream
 from tests.acceptance.test_cli import Result, _environment
 from tests.conftest import OrderingFactory
 from tests.support import Clock, chain, make_event

@@ -9,7 +9,7 @@ Redis stream consumer group with its claiming subscriber), sweeps lost followers
 
 The function logs its body as ``ordering_sql.tools.simulation`` workers do (``start`` and
 ``end`` records on the machine-wide monotonic clock, read back by ``simulation.check``) and,
-with ``exactly_once``, writes one ``simulation.EFFECTS`` row per handling on the connection it
+with ``exactly_once``, writes one ``effects.EFFECTS`` row per handling on the connection it
 is given. A FastStream middleware logs each delivery (``deliver``, with the broker's count of
 the attempt) and how it was settled (``ack``, ``nack``, ``reject``, or ``unsettled``).
 ``stop_at_body``: the process stops itself (SIGSTOP) inside that body (1 is the first), with
@@ -30,7 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines
 from ordering_sql.faststream import ordered
-from ordering_sql.tools.simulation import Effects, HandledLog
+from ordering_sql.tools.effects import Effects
+from ordering_sql.tools.simulation import HandledLog
 from tests.brokers.support import BrokerName, Delivery, Settings, make_kit, recorder
 
 SETTLED_AS = {"ACKED": "ack", "NACKED": "nack", "REJECTED": "reject", None: "unsettled"}

@@ -10,7 +10,7 @@ the followers it had claimed, and its lease expires.
 
 Then: every event handled, in causal order (``simulation.check`` on the logs of all three
 processes), exactly one effect row per event, each follower's after its leader's committed
-(``simulation.check_effects``), and nothing left: no message waiting or unacknowledged on the
+(``effects.check_effects``), and nothing left: no message waiting or unacknowledged on the
 broker once the consumers stopped, no follower parked or claimed, no lease held.
 """
 
@@ -34,13 +34,8 @@ import pytest
 from ordering_sql.admin import ScopeStatus, status
 from ordering_sql.settings import Settings as StoreSettings
 from ordering_sql.store import Store
-from ordering_sql.tools.simulation import (
-    build_stream,
-    check,
-    check_effects,
-    create_effects,
-    read_log,
-)
+from ordering_sql.tools.effects import check_effects, create_effects
+from ordering_sql.tools.simulation import build_stream, check, read_log
 from tests.brokers._consumer import ConsumerSpec
 from tests.brokers.support import Backlog, BrokerName, Kit, Settings
 from tests.support import REPO_ROOT, child_env

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from ordering_sql import CausalOrdering, ConfigurationError, ReceivedEvent
 from ordering_sql.faststream import OrderedSubscriber, ordered
-from ordering_sql.tools.simulation import EFFECTS, Effects, create_effects
+from ordering_sql.tools.effects import EFFECTS, Effects, create_effects
 from tests.brokers.conftest import require
 from tests.brokers.support import (
     Backlog,

@@ -3,7 +3,7 @@ faults, and exactly one effect row per event at the end.
 
 Each of three OS processes receives every event of a jumbled stream (each in its own jumble), and
 handles through ``exactly_once``, writing one row per handling into an effects table that has no
-unique constraint (``simulation.EFFECTS``). A row records whether its leader's row was visible
+unique constraint (``effects.EFFECTS``). A row records whether its leader's row was visible
 to its transaction, that is, committed before it. The faults, one run each:
 
 * ``kill``: one worker is SIGKILLed at a random moment inside a handler (its transaction open,
@@ -39,17 +39,14 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from ordering_sql import CausalOrdering
 from ordering_sql.models import ReceivedEvent
+from ordering_sql.tools.effects import EFFECTS, Effects, check_effects, create_effects
 from ordering_sql.tools.simulation import (
-    EFFECTS,
     DeliveryQueue,
-    Effects,
     HandledLog,
     Stream,
     Tally,
     WorkerSpec,
     build_stream,
-    check_effects,
-    create_effects,
     run_worker,
     sweep_lost,
     unacknowledged,
