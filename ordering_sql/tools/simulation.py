@@ -52,6 +52,7 @@ __all__ = [
     "WorkerSpec",
     "build_stream",
     "check",
+    "handler_body",
     "read_log",
     "run_batch_worker",
     "run_worker",
@@ -222,6 +223,33 @@ class DeliveryQueue:
         return len(self._ready) + self._delayed
 
 
+def handler_body(
+    log: HandledLog, *, work_seconds: float = 0.0, stop_at_body: int | None = None
+) -> Callable[[ReceivedEvent], Awaitable[None]]:
+    """A handler's body as the checks read it: ``start`` logged, ``work_seconds`` of work,
+    ``end`` logged.
+
+    ``stop_at_body``: the process stops itself (SIGSTOP) inside its body of that ordinal (1 is
+    the first), its lease held and its transaction open, and the fault test that asked for it
+    decides what follows (SIGKILL, or SIGCONT after a stall). Stopping from inside puts the
+    fault exactly there; a test polling from outside could miss every body of a worker whose
+    peers handled the rest of the stream first.
+    """
+    bodies = 0
+
+    async def body(event: ReceivedEvent) -> None:
+        nonlocal bodies
+        log.write("start", event.id)
+        bodies += 1
+        if bodies == stop_at_body:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if work_seconds:
+            await asyncio.sleep(work_seconds)
+        log.write("end", event.id)
+
+    return body
+
+
 def _handler(
     ordering: CausalOrdering[Any],
     log: HandledLog,
@@ -233,26 +261,10 @@ def _handler(
     stop_at_body: int | None = None,
 ) -> Callable[[ReceivedEvent, int], Awaitable[None]]:
     """The workers' handler: one event through ``preceding_event_confirmed`` (or, with
-    ``effects``, through ``exactly_once``, writing its effect row), logged and counted; it is
-    also the handler its released followers are replayed through.
-
-    ``stop_at_body``: the process stops itself (SIGSTOP) inside its handler body of that ordinal
-    (1 is the first), its lease held and its transaction open, and the fault test that asked for
-    it decides what follows (SIGKILL, or SIGCONT after a stall). Stopping from inside puts the
-    fault exactly there; a test polling from outside could miss every body of a worker whose
-    peers handled the rest of the stream first.
-    """
-    bodies = 0
-
-    async def work(event: ReceivedEvent, depth: int) -> None:
-        nonlocal bodies
-        log.write("start", event.id)
-        bodies += 1
-        if bodies == stop_at_body:
-            os.kill(os.getpid(), signal.SIGSTOP)
-        if work_seconds:
-            await asyncio.sleep(work_seconds)
-        log.write("end", event.id)
+    ``effects``, through ``exactly_once``, writing its effect row), its body run by
+    ``handler_body``, counted; it is also the handler its released followers are replayed
+    through."""
+    work = handler_body(log, work_seconds=work_seconds, stop_at_body=stop_at_body)
 
     def counted(depth: int) -> None:
         tally.handled += 1
@@ -263,10 +275,10 @@ def _handler(
     async def handler(event: ReceivedEvent, depth: int = 0) -> None:
         if effects is None:
             async with ordering.preceding_event_confirmed(handler, event, depth):
-                await work(event, depth)
+                await work(event)
         else:
             async with ordering.exactly_once(handler, event, depth) as conn:
-                await work(event, depth)
+                await work(event)
                 await effects.write(conn, event, log.worker)
         counted(depth)
 

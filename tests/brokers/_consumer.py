@@ -19,7 +19,6 @@ its lease and transaction open, for the test to SIGKILL it there.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ordering_sql import CausalOrdering, ReceivedEvent, dispose_engines
 from ordering_sql.faststream import ordered
 from ordering_sql.tools.effects import Effects
-from ordering_sql.tools.simulation import HandledLog
+from ordering_sql.tools.simulation import HandledLog, handler_body
 from tests.brokers.support import BrokerName, Delivery, Settings, make_kit, recorder
 
 SETTLED_AS = {"ACKED": "ack", "NACKED": "nack", "REJECTED": "reject", None: "unsettled"}
@@ -70,16 +69,7 @@ async def run(spec: ConsumerSpec) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     with spec.log.open("a") as sink:
         log = HandledLog(sink, spec.worker)
-        bodies = 0
-
-        async def body(event: ReceivedEvent) -> None:
-            nonlocal bodies
-            log.write("start", event.id)
-            bodies += 1
-            if bodies == spec.stop_at_body:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            await asyncio.sleep(spec.work_seconds)
-            log.write("end", event.id)
+        body = handler_body(log, work_seconds=spec.work_seconds, stop_at_body=spec.stop_at_body)
 
         async def with_effects(event: ReceivedEvent, *, conn: AsyncConnection) -> None:
             await body(event)
