@@ -374,8 +374,9 @@ class Handling(Generic[E]):
             self._log(
                 logging.INFO, event, "is already being processed", action="event_is_processing"
             )
-            telemetry.count("duplicates" if taken.of(event.id).seen else "busy", self.scope)
-            raise self.being_processed_error(event)
+            seen = taken.of(event.id).seen
+            telemetry.count("duplicates" if seen else "busy", self.scope)
+            raise self.being_processed_error(event, seen=seen)
         return token, (None if leader is None else taken.of(leader))
 
     async def _wait_for_holder(
@@ -473,10 +474,11 @@ class Handling(Generic[E]):
         if event.id not in await self._park([(event, stored)], token):
             # The leader completed while we looked: go ahead, holding the lease again (on
             # Postgres parking ended it anyway; see ``_steps.Park``).
-            if token is not None and event.id not in (await self._take([event.id], token)).taken:
+            retaken = None if token is None else await self._take([event.id], token)
+            if retaken is not None and event.id not in retaken.taken:
                 if hold is not None:
                     hold.ended = True  # another worker holds it now: nothing of ours to release
-                raise self.being_processed_error(event)
+                raise self.being_processed_error(event, seen=retaken.of(event.id).seen)
             if hold is not None:
                 hold.resume()
             return

@@ -61,7 +61,16 @@ class EventArrivedEarly(_EventError):
 
 
 class EventBeingProcessed(_EventError):
-    """The event is being handled elsewhere right now (or has already been handled)."""
+    """The event is being handled elsewhere right now (or has already been handled).
+
+    ``seen`` says which, as the step that refused the lease found it: True if the event was
+    already handled (a duplicate: acknowledge it), False if another worker holds it (redeliver
+    it later).
+    """
+
+    def __init__(self, event: Any, *, seen: bool = False) -> None:
+        super().__init__(event)
+        self.seen = seen
 
 
 class MaxDepthExceeded(_EventError):

@@ -254,10 +254,8 @@ class OrderedSubscriber(Generic[E]):
             await self._run(event, 0)
         except EventArrivedEarly:
             return _Outcome.PARKED
-        except EventBeingProcessed:
-            if await self.ordering.event_has_been_seen(cast("Any", event)):
-                return _Outcome.DUPLICATE
-            return _Outcome.BUSY
+        except EventBeingProcessed as refused:
+            return _Outcome.DUPLICATE if refused.seen else _Outcome.BUSY
         except LeaseLostError as exc:
             logger.warning(
                 "%s; the message is redelivered",

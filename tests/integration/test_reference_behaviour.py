@@ -348,3 +348,26 @@ async def test_no_in_flight_wait_parks_at_once_without_a_warning(
         await Recorder(ordering).handler(family["two"])
     assert "Timed out" not in caplog.text
     assert await ordering.get_followers(family["one"]) == [family["two"]]
+
+
+async def test_a_refused_event_says_whether_it_was_seen_or_is_held(
+    ordering: CausalOrdering[Any],
+) -> None:
+    """``EventBeingProcessed.seen`` tells a consumer what to do with the message without asking
+    again: True for a duplicate of a handled event (acknowledge), False for an event another
+    worker holds (redeliver)."""
+
+    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        async with ordering.preceding_event_confirmed(handler, event, depth):
+            pass
+
+    handled, held = make_event(), make_event()
+    await handler(handled)
+    assert await ordering.record_event_as_processing(held)
+
+    with pytest.raises(EventBeingProcessed) as duplicate:
+        await handler(handled)
+    assert duplicate.value.seen is True
+    with pytest.raises(EventBeingProcessed) as busy:
+        await handler(held)
+    assert busy.value.seen is False
